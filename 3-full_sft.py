@@ -1,0 +1,25 @@
+"""Supervised fine-tuning: chat turns, loss on the assistant's answers only.
+
+    python 3-full_sft.py --data_path dataset/sft_data.jsonl --out_dir out   (starts from out/pretrain_{dim}...)
+    torchrun --nproc_per_node N 3-full_sft.py ...
+Result: out/full_sft_{dim}[_moe].safetensors.
+"""
+import argparse
+
+from model.stages import sft_task
+from model.trainer import Trainer, add_model_args, add_train_args
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(parser, data_path="dataset/sft_data.jsonl", learning_rate=5e-5, batch_size=16, epochs=1)
+    add_model_args(parser)
+    parser.add_argument("--freeze_embeddings", action="store_true",
+                        help="keep the (tied) embedding matrix fixed; helps small SFT sets keep pretraining knowledge")
+    args = parser.parse_args(argv)
+    model, task = sft_task(args)
+    return Trainer(args, model, task).fit()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Weight-layout conversions between MiniMind and transformers' Llama.
+
+Our RoPE rotates adjacent pairs (Meta's and upstream MiniMind's layout); transformers' Llama rotates the two
+halves of each head. Permuting the rows of wq and wk inside each head maps one onto the other exactly.
+"""
+import torch
+from transformers import LlamaConfig
+
+from .LMConfig import LMConfig
+
+
+def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q/k projection: per head, (x0,x1),(x2,x3).. pairs -> first halves then second halves."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def llama_config(config: LMConfig, **extra) -> LlamaConfig:
+    if config.use_moe:
+        raise ValueError("the Llama format holds dense models only; export a MoE model in the default (hf) format")
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling:
+        rope = {"rope_type": config.rope_scaling["type"], "rope_theta": config.rope_theta,
+                "factor": float(config.rope_scaling["factor"])}
+        if config.rope_scaling["type"] == "yarn":
+            rope["original_max_position_embeddings"] = config.rope_scaling.get(
+                "original_max_position_embeddings", config.max_seq_len)
+    return LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps, rope_parameters=rope, tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        **extra)
+
+
+def _layer_key_pairs(n_layers: int):
+    """(ours, llama) names of every per-layer weight."""
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    for i in range(n_layers):
+        for ours, theirs in names.items():
+            yield f"layers.{i}.{ours}.weight", f"model.layers.{i}.{theirs}.weight"
+
+
+def to_llama_state_dict(state: dict, config: LMConfig) -> dict:
+    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
+           "lm_head.weight": state["output.weight"]}
+    for ours, theirs in _layer_key_pairs(config.n_layers):
+        w = state[ours]
+        if ours.endswith("attention.wq.weight"):
+            w = interleaved_to_half(w, config.n_heads)
+        elif ours.endswith("attention.wk.weight"):
+            w = interleaved_to_half(w, config.n_kv_heads)
+        out[theirs] = w.contiguous()
+    return out
+
+
+def from_llama_state_dict(state: dict, config: LMConfig) -> dict:
+    out = {"tok_embeddings.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"],
+           "output.weight": state.get("lm_head.weight", state["model.embed_tokens.weight"])}
+    for ours, theirs in _layer_key_pairs(config.n_layers):
+        w = state[theirs]
+        if ours.endswith("attention.wq.weight"):
+            w = half_to_interleaved(w, config.n_heads)
+        elif ours.endswith("attention.wk.weight"):
+            w = half_to_interleaved(w, config.n_kv_heads)
+        out[ours] = w.contiguous()
+    return out
+
+
+def config_from_llama(cfg: LlamaConfig) -> LMConfig:
+    rope = cfg.rope_parameters or {}
+    scaling = None
+    if rope.get("rope_type", "default") not in ("default", None):
+        scaling = {"type": rope["rope_type"], "factor": rope["factor"]}
+        if "original_max_position_embeddings" in rope:
+            scaling["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
+    return LMConfig(dim=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+                    n_kv_heads=cfg.num_key_value_heads, vocab_size=cfg.vocab_size, hidden_dim=cfg.intermediate_size,
+                    norm_eps=cfg.rms_norm_eps, max_seq_len=cfg.max_position_embeddings,
+                    rope_theta=rope.get("rope_theta", 1e4), rope_scaling=scaling,
+                    tie_word_embeddings=cfg.tie_word_embeddings)

@@ -1,0 +1,320 @@
+"""The demo corpus: a small bilingual world of true, checkable facts, written in the real datasets' formats.
+
+Countries (capital, continent), arithmetic, the calendar, units and everyday science are stated in several
+phrasings in the pretraining prose. SFT asks and answers them for most countries; a held-out set of countries
+is never answered in SFT, so chat accuracy on their capitals shows whether fine-tuning unlocked knowledge that
+only pretraining taught. Everything is seeded and deterministic.
+"""
+import csv
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import atomic_writer
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+CONTINENT_ZH = {"Asia": "亚洲", "Europe": "欧洲", "Africa": "非洲", "North America": "北美洲",
+                "South America": "南美洲", "Oceania": "大洋洲"}
+
+
+@dataclass(frozen=True)
+class Country:
+    name: str
+    name_zh: str
+    capital: str
+    capital_zh: str
+    continent: str
+
+    @property
+    def continent_zh(self):
+        return CONTINENT_ZH[self.continent]
+
+
+def load_countries() -> list[Country]:
+    with open(DATA_DIR / "countries.tsv", encoding="utf-8") as f:
+        return [Country(**row) for row in csv.DictReader(f, delimiter="\t")]
+
+
+class EntityFinder:
+    """Names of countries and capitals found in a text, longest name first at each position.
+
+    "罗马尼亚" (Romania) is one country, not the capital "罗马" (Rome) plus "尼亚"; "科威特城" (Kuwait City)
+    is a capital, not the country "科威特" plus "城".
+    """
+
+    def __init__(self, countries=None):
+        countries = countries or load_countries()
+        self.kind = {}
+        for c in countries:
+            self.kind.update({c.name: "country", c.name_zh: "country", c.capital: "capital", c.capital_zh: "capital"})
+        names = sorted(self.kind, key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, names)))
+
+    def capitals(self, text: str) -> list[str]:
+        return [m.group() for m in self.pattern.finditer(text) if self.kind[m.group()] == "capital"]
+
+    def exact_match(self, response: str, answer: str) -> bool:
+        """A hit names exactly one capital (any number of times), and it is the right one."""
+        return set(self.capitals(response)) == {answer}
+
+
+# ------------------------------------------------------------------------------------------------ phrasings
+CAPITAL_EN = [
+    "The capital of {c} is {cap}.", "{cap} is the capital of {c}.", "The capital city of {c} is {cap}.",
+    "{c}'s capital is {cap}.", "{cap} is the capital city of {c}.", "{c} has its capital in {cap}.",
+    "The government of {c} sits in {cap}, the capital of {c}.",
+    "What is the capital of {c}? The capital of {c} is {cap}.",
+]
+CAPITAL_ZH = [
+    "{c}的首都是{cap}。", "{cap}是{c}的首都。", "{c}的首都为{cap}。", "{c}这个国家的首都是{cap}。",
+    "{cap}是{c}的首都城市。", "说到{c}，{c}的首都是{cap}。", "{c}的政府设在首都{cap}。",
+    "{c}的首都是哪里？{c}的首都是{cap}。",
+]
+CONTINENT_EN = ["{c} is a country in {cont}.", "{c} is located in {cont}.", "{c} lies in {cont}.",
+                "{cap}, the capital of {c}, is a city in {cont}."]
+CONTINENT_ZH_T = ["{c}是一个位于{cont}的国家。", "{c}位于{cont}。", "{c}是{cont}的国家。",
+                  "{c}的首都{cap}是{cont}的一座城市。"]
+DAYS = [("Monday", "星期一"), ("Tuesday", "星期二"), ("Wednesday", "星期三"), ("Thursday", "星期四"),
+        ("Friday", "星期五"), ("Saturday", "星期六"), ("Sunday", "星期日")]
+MONTHS = [("January", "一月"), ("February", "二月"), ("March", "三月"), ("April", "四月"), ("May", "五月"),
+          ("June", "六月"), ("July", "七月"), ("August", "八月"), ("September", "九月"), ("October", "十月"),
+          ("November", "十一月"), ("December", "十二月")]
+NUMBERS_EN = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+              "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]
+# (English statements, Chinese statements, English question, English answer, Chinese question, Chinese answer)
+GENERAL_FACTS = [
+    (["Water boils at 100 degrees Celsius at sea level.", "At sea level, water boils at 100 degrees Celsius."],
+     ["在海平面上，水的沸点是100摄氏度。", "水在海平面上100摄氏度时沸腾。"],
+     "At what temperature does water boil at sea level?", "Water boils at 100 degrees Celsius at sea level.",
+     "水在海平面上的沸点是多少？", "水在海平面上的沸点是100摄氏度。"),
+    (["Water freezes at 0 degrees Celsius.", "At 0 degrees Celsius, water turns into ice."],
+     ["水在0摄氏度时结冰。", "水的冰点是0摄氏度。"],
+     "At what temperature does water freeze?", "Water freezes at 0 degrees Celsius.",
+     "水在多少度结冰？", "水在0摄氏度时结冰。"),
+    (["The Earth orbits the Sun.", "It takes the Earth about 365 days to go around the Sun."],
+     ["地球绕着太阳转。", "地球绕太阳一周大约需要365天。"],
+     "What does the Earth orbit?", "The Earth orbits the Sun.", "地球绕着什么转？", "地球绕着太阳转。"),
+    (["The Moon orbits the Earth.", "The Moon is the natural satellite of the Earth."],
+     ["月球绕着地球转。", "月球是地球的天然卫星。"],
+     "What is the natural satellite of the Earth?", "The Moon is the natural satellite of the Earth.",
+     "地球的天然卫星是什么？", "月球是地球的天然卫星。"),
+    (["The Sun is a star.", "The Sun is the star at the center of our solar system."],
+     ["太阳是一颗恒星。", "太阳是太阳系中心的恒星。"],
+     "Is the Sun a planet or a star?", "The Sun is a star.", "太阳是行星还是恒星？", "太阳是一颗恒星。"),
+    (["Plants take in carbon dioxide and give off oxygen.", "Green plants make food from sunlight."],
+     ["植物吸收二氧化碳，释放氧气。", "绿色植物利用阳光制造养分。"],
+     "What gas do plants give off?", "Plants give off oxygen.", "植物释放什么气体？", "植物释放氧气。"),
+    (["A week has seven days.", "There are seven days in a week."], ["一周有七天。", "一个星期有七天。"],
+     "How many days are there in a week?", "There are seven days in a week.", "一周有几天？", "一周有七天。"),
+    (["A year has twelve months.", "There are twelve months in a year."], ["一年有十二个月。", "一年共有十二个月。"],
+     "How many months are there in a year?", "There are twelve months in a year.", "一年有几个月？", "一年有十二个月。"),
+    (["A day has 24 hours.", "There are 24 hours in a day."], ["一天有24小时。", "一天共有24个小时。"],
+     "How many hours are there in a day?", "There are 24 hours in a day.", "一天有多少小时？", "一天有24小时。"),
+    (["An hour has 60 minutes.", "There are 60 minutes in an hour."], ["一小时有60分钟。", "一个小时等于60分钟。"],
+     "How many minutes are there in an hour?", "There are 60 minutes in an hour.", "一小时有多少分钟？", "一小时有60分钟。"),
+    (["A kilometer is 1000 meters.", "One kilometer equals 1000 meters."], ["一千米等于1000米。", "1千米是1000米。"],
+     "How many meters are in a kilometer?", "A kilometer is 1000 meters.", "一千米等于多少米？", "一千米等于1000米。"),
+    (["A kilogram is 1000 grams.", "One kilogram equals 1000 grams."], ["一千克等于1000克。", "1千克是1000克。"],
+     "How many grams are in a kilogram?", "A kilogram is 1000 grams.", "一千克等于多少克？", "一千克等于1000克。"),
+    (["A meter is 100 centimeters.", "One meter equals 100 centimeters."], ["一米等于100厘米。", "1米是100厘米。"],
+     "How many centimeters are in a meter?", "A meter is 100 centimeters.", "一米等于多少厘米？", "一米等于100厘米。"),
+    (["The highest mountain in the world is Mount Everest.", "Mount Everest is the highest mountain on Earth."],
+     ["世界上最高的山峰是珠穆朗玛峰。", "珠穆朗玛峰是地球上最高的山。"],
+     "What is the highest mountain in the world?", "The highest mountain in the world is Mount Everest.",
+     "世界上最高的山是什么？", "世界上最高的山是珠穆朗玛峰。"),
+    (["The giant panda mainly eats bamboo.", "Bamboo is the main food of the giant panda."],
+     ["大熊猫主要吃竹子。", "竹子是大熊猫的主要食物。"],
+     "What is the main food of the giant panda?", "The giant panda mainly eats bamboo.",
+     "大熊猫的主要食物是什么？", "大熊猫主要吃竹子。"),
+]
+IDENTITY = [("Who are you?", "I am MiniMind, a small language model trained from scratch."),
+            ("你是谁？", "我是MiniMind，一个从零开始训练的小型语言模型。")]
+QUESTION_EN = ["What is the capital of {c}?", "What is the capital city of {c}?", "Which city is the capital of {c}?",
+               "Tell me the capital of {c}.", "Do you know the capital of {c}?"]
+QUESTION_ZH = ["{c}的首都是哪里？", "{c}的首都是哪座城市？", "{c}的首都是什么？", "请告诉我{c}的首都。"]
+CONTINENT_Q_EN, CONTINENT_Q_ZH = "Which continent is {c} in?", "{c}位于哪个大洲？"
+
+
+def capital_answer(country: Country, lang: str) -> str:
+    """The SFT answer form. English repeats the pretraining sentence; Chinese questions already end in the
+    pretraining prefix ("X的首都是"), so the short answer continues it (see shared notes on the demo corpus)."""
+    if lang == "en":
+        return f"The capital of {country.name} is {country.capital}."
+    return f"{country.capital_zh}。"
+
+
+def continent_answer(country: Country, lang: str) -> str:
+    return f"{country.name} is in {country.continent}." if lang == "en" else f"{country.name_zh}位于{country.continent_zh}。"
+
+
+def fill(template: str, country: Country, lang: str) -> str:
+    if lang == "en":
+        return template.format(c=country.name, cap=country.capital, cont=country.continent)
+    return template.format(c=country.name_zh, cap=country.capital_zh, cont=country.continent_zh)
+
+
+# ------------------------------------------------------------------------------------------------- the world
+class DemoWorld:
+    def __init__(self, seed: int = 42, held_out: int = 48):
+        self.seed = seed
+        countries = load_countries()
+        rng = random.Random(seed)
+        order = countries[:]
+        rng.shuffle(order)
+        self.held_out = sorted(order[:held_out], key=lambda c: c.name)
+        self.train = sorted(order[held_out:], key=lambda c: c.name)
+        self.countries = countries
+
+    # -- pretraining prose
+    def sentences(self, lang: str) -> list[str]:
+        caps = CAPITAL_EN if lang == "en" else CAPITAL_ZH
+        conts = CONTINENT_EN if lang == "en" else CONTINENT_ZH_T
+        out = [fill(t, c, lang) for c in self.countries for t in caps + conts]
+        for a in range(10):
+            for b in range(10):
+                out.append(f"{a} plus {b} equals {a + b}." if lang == "en" else f"{a}加{b}等于{a + b}。")
+                if lang == "en":
+                    out.append(f"{NUMBERS_EN[a]} plus {NUMBERS_EN[b]} is {NUMBERS_EN[a + b]}.")
+        for seq, unit, unit_zh in ((DAYS, "day", "后一天"), (MONTHS, "month", "下一个月")):
+            for (en, zh), (next_en, next_zh) in zip(seq, seq[1:] + seq[:1]):
+                out.append(f"The {unit} after {en} is {next_en}." if lang == "en" else f"{zh}的{unit_zh}是{next_zh}。")
+        for en_list, zh_list, *_ in GENERAL_FACTS:
+            out.extend(en_list if lang == "en" else zh_list)
+        return out
+
+    def pretrain_documents(self, repeats: int, rng: random.Random):
+        """Sentences shuffled into single-language documents of 3-8 sentences, regrouped for each repeat."""
+        for _ in range(repeats):
+            docs = []
+            for lang in ("en", "zh"):
+                pool = self.sentences(lang)
+                rng.shuffle(pool)
+                sep = " " if lang == "en" else ""
+                i = 0
+                while i < len(pool):
+                    n = rng.randint(3, 8)
+                    docs.append(sep.join(pool[i:i + n]))
+                    i += n
+            rng.shuffle(docs)
+            yield from docs
+
+    # -- chat data
+    def qa_pairs(self, countries, rng):
+        """(question, answer) pairs about countries and general facts."""
+        pairs = []
+        for c in countries:
+            for lang, templates in (("en", QUESTION_EN), ("zh", QUESTION_ZH)):
+                for t in rng.sample(templates, 2):
+                    pairs.append((fill(t, c, lang), capital_answer(c, lang)))
+                q = CONTINENT_Q_EN if lang == "en" else CONTINENT_Q_ZH
+                pairs.append((fill(q, c, lang), continent_answer(c, lang)))
+        for _, _, qen, aen, qzh, azh in GENERAL_FACTS:
+            pairs += [(qen, aen), (qzh, azh)]
+        for a, b in [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(40)]:
+            pairs += [(f"What is {a} plus {b}?", f"{a} plus {b} equals {a + b}."), (f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。")]
+        pairs += IDENTITY * 3
+        return pairs
+
+    def sft_rows(self, rng: random.Random, multi_turn_fraction: float = 0.2):
+        """Rows in the deepctrl format: id, instruction, input, output, history [[q, a], ...]."""
+        pairs = self.qa_pairs(self.train, rng)
+        rng.shuffle(pairs)
+        rows = []
+        for i, (q, a) in enumerate(pairs):
+            history = []
+            if rng.random() < multi_turn_fraction:
+                history = [list(p) for p in rng.sample(pairs, rng.randint(1, 2))]
+            rows.append({"id": f"demo-sft-{i}", "instruction": q, "input": "", "output": a, "history": history})
+        return rows
+
+    def held_out_questions(self):
+        """The measuring stick: capitals of countries whose facts only pretraining has seen."""
+        rows = []
+        for c in self.held_out:
+            rows.append({"lang": "en", "country": c.name, "question": fill(QUESTION_EN[0], c, "en"), "answer": c.capital})
+            rows.append({"lang": "zh", "country": c.name_zh, "question": fill(QUESTION_ZH[0], c, "zh"),
+                         "answer": c.capital_zh})
+        return rows
+
+    def dpo_rows(self, countries, rng):
+        """Chosen: the true capital. Rejected: a plausible wrong one (another capital of the same continent)."""
+        rows = []
+        for c in countries:
+            same = [o for o in self.countries if o.continent == c.continent and o != c]
+            wrong = rng.choice(same)
+            for lang, templates in (("en", QUESTION_EN), ("zh", QUESTION_ZH)):
+                fake = Country(c.name, c.name_zh, wrong.capital, wrong.capital_zh, c.continent)
+                rows.append({"prompt": fill(rng.choice(templates), c, lang), "chosen": capital_answer(c, lang),
+                             "rejected": capital_answer(fake, lang)})
+        return rows
+
+    def ceval_rows(self, countries, rng, lang_mix=True):
+        """Multiple-choice questions in C-Eval's columns, by subject."""
+        subjects = {"world_capitals": [], "world_continents": [], "arithmetic": []}
+        for c in countries:
+            others = rng.sample([o for o in self.countries if o != c], 3)
+            q, opts = (f"{c.name_zh}的首都是____。", [c.capital_zh] + [o.capital_zh for o in others])
+            if lang_mix and rng.random() < 0.5:
+                q, opts = f"The capital of {c.name} is ____.", [c.capital] + [o.capital for o in others]
+            subjects["world_capitals"].append(self._choice(q, opts, rng))
+            conts = [c.continent_zh] + rng.sample([v for k, v in CONTINENT_ZH.items() if k != c.continent], 3)
+            subjects["world_continents"].append(self._choice(f"{c.name_zh}位于哪个大洲？____", conts, rng))
+        for _ in range(len(countries)):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            wrong = rng.sample([n for n in range(19) if n != a + b], 3)
+            subjects["arithmetic"].append(self._choice(f"{a}加{b}等于____。", [str(a + b)] + [str(n) for n in wrong], rng))
+        return subjects
+
+    @staticmethod
+    def _choice(question, options, rng):
+        """options[0] is right; shuffle and record its letter."""
+        order = list(range(4))
+        rng.shuffle(order)
+        row = {"question": question}
+        for letter, k in zip("ABCD", order):
+            row[letter] = options[k]
+        row["answer"] = "ABCD"[order.index(0)]
+        return row
+
+
+def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: int = 48) -> dict:
+    """Write every demo file; returns {name: (path, rows)}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = DemoWorld(seed=seed, held_out=held_out)
+    rng = random.Random(seed)
+    written = {}
+
+    def jsonl(name, rows):
+        n = 0
+        with atomic_writer(out / name, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+        written[name] = n
+
+    jsonl("pretrain_data.jsonl", ({"text": t} for t in world.pretrain_documents(pretrain_repeats, rng)))
+    sft = world.sft_rows(rng)
+    jsonl("sft_data.jsonl", sft)
+    jsonl("held_out.jsonl", world.held_out_questions())
+    jsonl("dpo_data.jsonl", world.dpo_rows(world.train, rng))
+    jsonl("dpo_held_out.jsonl", world.dpo_rows(world.held_out, rng))
+    # The tokenizer sees a sample of everything it will have to encode: prose and chat turns.
+    tokenizer_texts = list(world.pretrain_documents(3, rng))
+    tokenizer_texts += [f"{r['instruction']}\n{r['output']}" for r in sft]
+    jsonl("tokenizer_train.jsonl", ({"text": t} for t in tokenizer_texts))
+    for split, countries in (("dev", world.train[:5]), ("val", world.held_out)):
+        for subject, rows in world.ceval_rows(countries, rng).items():
+            path = out / "ceval" / split / f"{subject}_{split}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            columns = ["id", "question", "A", "B", "C", "D", "answer"] + (["explanation"] if split == "dev" else [])
+            with atomic_writer(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=columns)
+                w.writeheader()
+                for i, r in enumerate(rows):
+                    w.writerow({"id": i, **r, **({"explanation": ""} if split == "dev" else {})})
+            written[f"ceval/{split}/{subject}_{split}.csv"] = len(rows)
+    written["_held_out_countries"] = len(world.held_out)
+    return written

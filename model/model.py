@@ -1,0 +1,332 @@
+"""MiniMind: a Llama-style decoder (dense or mixture-of-experts) in one file.
+
+Layout follows Meta's llama reference (`wq/wk/wv/wo`, `w1/w2/w3`, `tok_embeddings`, `output`), which is also
+upstream MiniMind's state-dict layout, so upstream checkpoints load without renaming. RoPE rotates *adjacent*
+pairs (x0,x1), (x2,x3), ... exactly as upstream's complex-number form does.
+
+Shapes: B batch, T new tokens, S = past + T keys, H query heads, K kv heads, D head dim, E routed experts.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .LMConfig import LMConfig
+
+
+# ----------------------------------------------------------------------------------------------- rotary embeddings
+def rope_inv_freq(config: LMConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (D/2,) and the attention scale for the configured RoPE variant.
+
+    `linear` divides every frequency by `factor` (position interpolation). `yarn` interpolates only the
+    low frequencies that never completed a rotation within the training context, keeps the fast ones,
+    and ramps between them (the NTK-by-parts rule of the YaRN paper, as transformers implements it).
+    """
+    dim, base = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    if scaling["type"] == "linear":
+        return inv_freq / factor, 1.0
+    # yarn
+    original_len = scaling.get("original_max_position_embeddings", config.max_seq_len)
+    beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+
+    def dim_for_rotations(rotations):
+        return dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(dim_for_rotations(beta_fast)), 0)
+    high = min(math.ceil(dim_for_rotations(beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attention_scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv_freq, attention_scale
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x (B, T, heads, D) by angles whose cos/sin are (B, T, 1, D/2)."""
+    x_even, x_odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, heads, D/2) each
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+# ------------------------------------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 even under autocast: the mean of squares overflows or loses precision in 16 bits.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.wo.is_residual_out = True
+        self.dropout = config.dropout
+        self.flash = config.flash_attn
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, K, S, D)
+        dropout = self.dropout if self.training else 0.0
+        causal = mask is None and T > 1  # no explicit mask: plain causal attention over T tokens, no past
+        if self.flash:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                                 enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            out = self.explicit_attention(q, k, v, mask, causal, dropout)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, dim)
+
+    def explicit_attention(self, q, k, v, mask, causal, dropout):
+        """softmax(q k^T / sqrt(D)) v, spelled out; the same result as the fused kernel."""
+        repeat = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, H, S, D)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        if causal:
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.dropout(scores.float().softmax(-1).type_as(q), dropout, self.training)
+        return probs @ v  # (B, H, T, D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2.is_residual_out = True
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class MoEGate(nn.Module):
+    """Softmax router: each token picks its top-k routed experts."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.top_k, self.n_experts = config.num_experts_per_tok, config.n_routed_experts
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.dim))
+
+    def forward(self, x):  # x (N, dim)
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # (N, E)
+        top_weight, top_idx = scores.topk(self.top_k, dim=-1, sorted=False)  # (N, k)
+        if self.norm_topk_prob and self.top_k > 1:
+            top_weight = top_weight / (top_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return top_idx, top_weight, scores
+
+
+class MOEFeedForward(nn.Module):
+    """DeepSeek-style MoE: shared experts see every token; each token also goes to its top-k routed experts."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.experts = nn.ModuleList(
+            FeedForward(config.dim, config.hidden_dim, config.dropout) for _ in range(config.n_routed_experts))
+        self.gate = MoEGate(config)
+        self.shared_experts = (FeedForward(config.dim, config.hidden_dim * config.n_shared_experts, config.dropout)
+                               if config.n_shared_experts else None)
+
+    def forward(self, x):
+        B, T, dim = x.shape
+        flat = x.reshape(-1, dim)  # (N, dim), N = B*T
+        top_idx, top_weight, scores = self.gate(flat)
+        routed = self.dispatch(flat, top_idx, top_weight).view(B, T, dim)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(x)
+        aux_loss = self.balance_loss(top_idx, scores, B, T) if self.training else None
+        return routed, aux_loss
+
+    def dispatch(self, flat, top_idx, top_weight):
+        """Group the (token, expert) pairs by expert, run each expert once on its group, scatter-add back."""
+        k, n_experts = self.config.num_experts_per_tok, self.config.n_routed_experts
+        expert_of_pair = top_idx.flatten()  # (N*k,)
+        order = expert_of_pair.argsort(stable=True)
+        token_of_pair = order // k  # which token each sorted pair belongs to
+        counts = torch.bincount(expert_of_pair, minlength=n_experts).tolist()
+        expert_inputs = flat[token_of_pair].split(counts)
+        expert_outputs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, expert_inputs)])
+        weighted = expert_outputs * top_weight.flatten()[order, None].to(expert_outputs.dtype)
+        return torch.zeros_like(flat).index_add_(0, token_of_pair, weighted.type_as(flat))
+
+    def balance_loss(self, top_idx, scores, B, T):
+        """Load-balancing loss alpha * sum_e f_e * P_e (f: share of picks, P: mean router probability).
+
+        With seq_aux the shares are counted per sequence (DeepSeek-V2's sequence-wise balance), so a batch
+        cannot look balanced while every single sequence sends all of its tokens to one expert.
+        """
+        cfg = self.config
+        if cfg.aux_loss_alpha <= 0:
+            return None
+        k, n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
+        groups = B if cfg.seq_aux else 1
+        picks = top_idx.view(groups, -1)  # (G, tokens_per_group*k)
+        share = torch.zeros(groups, n_experts, device=scores.device).scatter_add_(
+            1, picks, torch.ones_like(picks, dtype=torch.float32))
+        share = share / (picks.shape[1] / n_experts)  # 1.0 everywhere when perfectly balanced
+        mean_prob = scores.view(groups, -1, n_experts).mean(dim=1)  # (G, E)
+        return (share * mean_prob).sum(dim=1).mean() * cfg.aux_loss_alpha
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LMConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = (MOEFeedForward(config) if config.use_moe
+                             else FeedForward(config.dim, config.hidden_dim, config.dropout))
+
+    def forward(self, x, cos, sin, mask, cache):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        out = self.feed_forward(self.ffn_norm(h))
+        out, aux_loss = out if isinstance(out, tuple) else (out, None)
+        return h + out, aux_loss
+
+
+# --------------------------------------------------------------------------------------------------- the model
+@dataclass
+class MiniMindOutput(CausalLMOutputWithPast):
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss, already included in `loss`
+
+
+class MiniMindLM(PreTrainedModel, GenerationMixin):
+    config_class = LMConfig
+    base_model_prefix = "minimind"
+    _no_split_modules = ["TransformerBlock"]
+    _tied_weights_keys = {"output.weight": "tok_embeddings.weight"}
+    _supports_sdpa = True
+    supports_gradient_checkpointing = False
+
+    def __init__(self, config: LMConfig):
+        super().__init__(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        inv_freq, self.rope_attention_scale = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            # Residual-branch outputs get a smaller init so the residual stream's variance stays put with depth (GPT-2).
+            if getattr(module, "is_residual_out", False):
+                std = std / math.sqrt(2 * self.config.n_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, MoEGate):
+            init.normal_(module.weight, mean=0.0, std=std)
+        if module is self:
+            init.copy_(self.inv_freq, rope_inv_freq(self.config)[0])
+
+    def get_input_embeddings(self):
+        return self.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.tok_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.output
+
+    def set_output_embeddings(self, value):
+        self.output = value
+
+    def rotary(self, position_ids: torch.Tensor):
+        """cos/sin (B, T, 1, D/2) for integer positions (B, T); any position works, there is no table to outgrow."""
+        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
+        scale = self.rope_attention_scale
+        return (angles.cos() * scale)[:, :, None], (angles.sin() * scale)[:, :, None]
+
+    @staticmethod
+    def attention_bias(attention_mask, T: int, past: int, device):
+        """Boolean (B, 1, T, S) mask, or None when plain causal attention is exact (no padding, no past)."""
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded and (past == 0 or T == 1):
+            return None
+        S = past + T
+        query_pos = torch.arange(past, S, device=device)[:, None]
+        key_pos = torch.arange(S, device=device)[None, :]
+        mask = (key_pos <= query_pos)[None, None]  # (1, 1, T, S)
+        if padded:
+            keep = attention_mask[:, -S:].bool()[:, None, None, :]  # (B, 1, 1, S)
+            # A padding query attends to itself so its (ignored) row is never all -inf, which would give NaN.
+            mask = (mask & keep) | (key_pos == query_pos)[None, None]
+        return mask
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, cache=None,
+                use_cache=None, labels=None, inputs_embeds=None, logits_to_keep=0, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        h = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
+        B, T, _ = h.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:  # count only real tokens, so left padding does not shift positions
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=h.device)[None]
+        cos, sin = self.rotary(position_ids)
+        mask = self.attention_bias(attention_mask, T, past, h.device)
+
+        h = self.dropout(h)
+        aux_losses = []
+        for layer in self.layers:
+            h, aux_loss = layer(h, cos, sin, mask, cache)
+            if aux_loss is not None:
+                aux_losses.append(aux_loss)
+        h = self.norm(h)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.output(h)  # (B, T, vocab)
+
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            if aux_loss is not None:
+                loss = loss + aux_loss
+        return MiniMindOutput(loss=loss, logits=logits, cache=cache if use_cache or cache is not None else None,
+                              aux_loss=aux_loss)
+
+
+
+AutoConfig.register("minimind", LMConfig, exist_ok=True)
+AutoModelForCausalLM.register(LMConfig, MiniMindLM, exist_ok=True)

@@ -1,0 +1,119 @@
+"""Tokenizer: byte-level BPE trained with `tokenizers`, used through transformers' `PreTrainedTokenizerFast`.
+
+Special tokens are upstream MiniMind's: <unk>=0 (also padding), <s>=1, </s>=2. The chat format is upstream's:
+the system text first, then every turn as `<s>{role}\n{content}</s>\n`.
+"""
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "minimind_tokenizer"
+
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<s>user\\n' + message['content'] + '</s>\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<s>assistant\\n' + message['content'] + '</s>\\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}"
+)
+ASSISTANT_PREFIX = "<s>assistant\n"
+TURN_END = "</s>"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool = True):
+    """Train byte-level BPE on an iterator of texts (streamed: only word counts are kept in memory)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=show_progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    for i, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == i, f"{token} must have id {i}"
+    return tokenizer
+
+
+def wrap(tokenizer, model_max_length: int = 32768) -> PreTrainedTokenizerFast:
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<unk>", model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save(fast: PreTrainedTokenizerFast, out_dir) -> None:
+    """tokenizer.json + tokenizer_config.json (chat template inside, as upstream ships it), written atomically."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    fast.save_pretrained(tmp, save_jinja_files=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        os.replace(f, out_dir / f.name)
+    tmp.rmdir()
+
+
+def load_tokenizer(path=None) -> PreTrainedTokenizerFast:
+    path = Path(path) if path else DEFAULT_TOKENIZER_DIR
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer.json in {path}; train one with `python train_tokenizer.py` "
+                                f"or pass --tokenizer DIR")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.chat_template is None:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def chars_per_token(tokenizer, texts: list[str]) -> float:
+    chars = sum(len(t) for t in texts)
+    tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return chars / max(tokens, 1)
+
+
+def read_texts(path, field: str = "text", every: int = 1, skip_every: int = 0) -> Iterator[str]:
+    """Stream the `field` of a jsonl file. every/skip_every pick or skip every n-th row (held-out sampling)."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f):
+            held = skip_every and n % skip_every == 0
+            if (every > 1 and n % every) or (skip_every and held):
+                continue
+            try:
+                value = json.loads(line).get(field)
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, str) and value:
+                yield value
+
+
+def encode_chat(tokenizer, messages: list[dict], max_length: int | None = None):
+    """Token ids of a conversation and a label per token: the token itself on assistant content and its
+    closing </s>, -100 elsewhere. Each piece is tokenized alone; the pieces end at special tokens or newlines,
+    where byte-level pre-tokenization splits anyway, so the ids equal those of the whole rendered text."""
+    ids, labels = [], []
+
+    def add(text, train):
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids.extend(piece)
+        labels.extend(piece if train else [-100] * len(piece))
+
+    start = 0
+    if messages and messages[0]["role"] == "system":
+        add(messages[0]["content"], False)
+        start = 1
+    for m in messages[start:]:
+        if m["role"] == "user":
+            add(f"<s>user\n{m['content']}{TURN_END}\n", False)
+        elif m["role"] == "assistant":
+            add(ASSISTANT_PREFIX, False)
+            add(m["content"] + TURN_END, True)
+            add("\n", False)
+        else:
+            raise ValueError(f"unknown role {m['role']!r}")
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return ids, labels

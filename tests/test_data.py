@@ -1,0 +1,256 @@
+"""The demo corpus, the tokenizer, data processing and the datasets."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from model.dataset import DPODataset, PretrainDataset, SFTDataset, pad_collate
+from model.io import BadRows, read_jsonl
+from model.processing import normalize_dpo, normalize_file, normalize_sft, tokenize_pretrain
+from model.tokenizer import encode_chat, load_tokenizer
+
+
+def rows(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_demo_files_parse_in_their_upstream_formats(demo_data):
+    d = demo_data / "data"
+    pre = rows(d / "pretrain_data.jsonl")
+    assert pre and all(set(r) == {"text"} and isinstance(r["text"], str) and r["text"] for r in pre)
+    sft = rows(d / "sft_data.jsonl")
+    assert all(set(r) == {"id", "instruction", "input", "output", "history"} for r in sft)
+    assert all(isinstance(p, list) and len(p) == 2 for r in sft for p in r["history"])
+    assert any(r["history"] for r in sft) and any(not r["history"] for r in sft)  # single- and multi-turn
+    dpo = rows(d / "dpo_data.jsonl")
+    assert all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in dpo)
+    for split in ("dev", "val"):
+        files = sorted((d / "ceval" / split).glob(f"*_{split}.csv"))
+        assert len(files) >= 3
+        for f in files:
+            table = list(csv.DictReader(open(f, encoding="utf-8")))
+            assert table and list(table[0])[:7] == ["id", "question", "A", "B", "C", "D", "answer"]
+            assert all(r["answer"] in "ABCD" and r[r["answer"]] for r in table)
+    text = " ".join(r["text"] for r in pre)
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in text) and "The capital of" in text  # bilingual
+
+
+def check_held_out(d):
+    from model.demo_corpus import EntityFinder
+
+    held = rows(d / "held_out.jsonl")
+    assert {h["lang"] for h in held} == {"en", "zh"} and len(held) >= 40
+    pretrain_text = "\n".join(r["text"] for r in rows(d / "pretrain_data.jsonl"))
+    answers = []
+    for r in rows(d / "sft_data.jsonl"):
+        answers.append(r["output"])
+        answers += [a for _, a in r["history"]]
+    taught = set(EntityFinder().capitals("\n".join(answers)))
+    for h in held:
+        assert h["answer"] in pretrain_text, h
+        assert h["answer"] not in taught, h
+
+
+def test_held_out_answers_are_in_pretraining_text_but_never_in_sft_answers(demo_data, tmp_path):
+    from model.demo_corpus import write_demo
+
+    check_held_out(demo_data / "data")
+    write_demo(tmp_path, pretrain_repeats=1)  # the default seed, which the demo uses
+    check_held_out(tmp_path)
+
+
+def test_entity_finder_prefers_the_longest_name():
+    from model.demo_corpus import EntityFinder
+
+    finder = EntityFinder()
+    assert finder.capitals("罗马尼亚位于欧洲。") == []
+    assert finder.capitals("科威特的首都是科威特城。") == ["科威特城"]
+    assert finder.exact_match("The capital of Guinea-Bissau is Bissau.", "Bissau")
+    assert not finder.exact_match("It is Rome, or maybe Paris.", "Rome")
+    assert finder.exact_match("罗马。罗马！", "罗马")
+
+
+def test_demo_generator_is_deterministic(tmp_path):
+    from model.demo_corpus import write_demo
+
+    write_demo(tmp_path / "a", seed=3, pretrain_repeats=1)
+    write_demo(tmp_path / "b", seed=3, pretrain_repeats=1)
+    for name in ("pretrain_data.jsonl", "sft_data.jsonl", "dpo_data.jsonl", "held_out.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+@pytest.mark.parametrize("text", ["你好，世界！今天天气很好。", "The quick brown fox jumps over the lazy dog.",
+                                  "emoji 🚀🎉 and ünïcödé", "def f(x):\n    return {'a': x ** 2}  # 注释\n\tend"])
+def test_tokenizer_round_trips(demo_data, text):
+    tok = load_tokenizer(demo_data / "tokenizer")
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+
+
+def test_default_tokenizer_has_upstream_special_tokens():
+    tok = load_tokenizer()
+    assert len(tok) == 6400
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
+
+
+CONVERSATION = [{"role": "system", "content": "You are MiniMind."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "中国的首都是哪里？"}]
+
+
+def test_chat_template_renders_upstream_format(demo_data):
+    tok = load_tokenizer(demo_data / "tokenizer")
+    body = "You are MiniMind.<s>user\nHi</s>\n<s>assistant\nHello!</s>\n<s>user\n中国的首都是哪里？</s>\n"
+    assert tok.apply_chat_template(CONVERSATION, tokenize=False) == body
+    assert tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True) == body + "<s>assistant\n"
+
+
+def three_turns():
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for q, a in [("1+1?", "2"), ("Capital of France?", "The capital of France is Paris."), ("你好", "你好！")]:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return msgs
+
+
+def assistant_spans(tok, msgs):
+    """Expected targets built from the rendered text: the tokens of each answer plus its </s>."""
+    expected = []
+    for m in msgs:
+        if m["role"] == "assistant":
+            expected.append(tok.encode(m["content"], add_special_tokens=False) + [tok.eos_token_id])
+    return expected
+
+
+def test_sft_labels_are_exactly_the_assistant_spans(demo_data):
+    tok = load_tokenizer(demo_data / "tokenizer")
+    msgs = three_turns()
+    ids, labels = encode_chat(tok, msgs)
+    assert ids == tok.apply_chat_template(msgs, tokenize=True)["input_ids"]  # same ids as the template
+    spans, current = [], []
+    for i, label in enumerate(labels):
+        if label != -100:
+            assert label == ids[i]
+            current.append(label)
+        elif current:
+            spans.append(current)
+            current = []
+    assert spans == assistant_spans(tok, msgs)
+    # Truncated in the middle of the second answer: earlier targets intact, nothing else becomes a target.
+    cut = [i for i, label in enumerate(labels) if label != -100][len(spans[0]) + 2]
+    t_ids, t_labels = encode_chat(tok, msgs, max_length=cut)
+    assert t_ids == ids[:cut] and t_labels == labels[:cut]
+    assert all(label == -100 for label, full in zip(t_labels, labels) if full == -100)
+
+
+BAD_LINES = [
+    b'{"text": "first good document"}',
+    b'{"text": "broken json"',
+    b'\xff\xfe{"text": "bad utf8"}',
+    b'{"txt": "missing field"}',
+    b'{"text": 42}',
+    b'{"text": "   "}',
+    b'["not", "an", "object"]',
+    b'',
+    b'{"text": "second good document"}',
+]
+
+
+def test_bad_pretrain_lines_are_counted_with_line_numbers(tmp_path, demo_data):
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b"\n".join(BAD_LINES) + b"\n")
+    index = tokenize_pretrain(src, tmp_path / "tok", demo_data / "tokenizer", workers=1, val_every=0)
+    bad = index["bad"]
+    assert index["docs"] == 2 and bad.total == 6
+    assert bad.lines["malformed JSON"] == [2]
+    assert bad.lines["invalid UTF-8"] == [3]
+    assert bad.lines["empty 'text'"] == [6]
+    assert bad.lines["not a JSON object"] == [7]
+    assert bad.lines["field 'text' is not a string"] == [5]
+    assert any(lines == [4] for reason, lines in bad.lines.items() if "missing" in reason)
+    assert "lines 2" in bad.report()
+    tok = load_tokenizer(demo_data / "tokenizer")
+    tokens = np.fromfile(tmp_path / "tok" / "train_000.bin", dtype=np.uint16)
+    assert tok.decode(tokens.tolist()) == "first good document</s>second good document</s>"
+
+
+def test_pretrain_shards_decode_back_to_the_input(tmp_path, demo_data):
+    texts = ["Hello world.", "你好，世界。", "x" * 3000 + " tail of a long document", "🚀 emoji"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    index = tokenize_pretrain(src, tmp_path / "tok", demo_data / "tokenizer", workers=2, val_every=0,
+                              shard_tokens=500, piece_chars=1000)
+    assert len(index["train"]) > 1  # several shards
+    tokens = np.concatenate([np.fromfile(tmp_path / "tok" / s["file"], dtype=np.uint16) for s in index["train"]])
+    docs = load_tokenizer(demo_data / "tokenizer").decode(tokens.tolist()).split("</s>")
+    assert docs[:-1] == texts  # the long document was cut for encoding, never dropped
+
+
+def test_validation_shard_and_pretrain_windows(demo_data):
+    train = PretrainDataset(demo_data / "tokens", 64, "train")
+    val = PretrainDataset(demo_data / "tokens", 64, "val")
+    assert len(train) > len(val) > 0
+    a, b = train[0]["input_ids"], train[1]["input_ids"]
+    assert a.shape == (64,) and a[-1] == b[0]  # windows overlap by one token: every token is a target once
+    last = train[len(train) - 1]["input_ids"]
+    assert last.shape == (64,)
+    with pytest.raises(ValueError, match="tokenize it first"):
+        PretrainDataset(demo_data / "data" / "pretrain_data.jsonl", 64)
+
+
+def test_sft_normalization_and_bad_rows(tmp_path):
+    lines = [
+        {"id": 1, "instruction": "Q1", "input": "", "output": "A1", "history": [["q0", "a0"]]},
+        {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"instruction": "Q", "output": 5},
+        {"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        {"conversations": [{"role": "user", "content": "only a question"}]},
+    ]
+    src = tmp_path / "sft.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in lines) + "\n{oops\n")
+    result = normalize_file(src, tmp_path / "out.jsonl", "sft")
+    assert result["kept"] == 2 and result["bad"].total == 4
+    assert result["bad"].lines["malformed JSON"] == [6]
+    out = rows(tmp_path / "out.jsonl")
+    assert out[0]["conversations"] == [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"},
+                                       {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
+
+
+def test_dpo_normalization_accepts_message_lists_and_json_arrays(tmp_path):
+    plain = {"prompt": "Q", "chosen": "good", "rejected": "bad"}
+    messages = {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
+                "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]}
+    assert normalize_dpo(plain) == normalize_dpo(messages) == {
+        "prompt": [{"role": "user", "content": "Q"}], "chosen": "good", "rejected": "bad"}
+    src = tmp_path / "dpo.json"
+    src.write_text(json.dumps([plain, messages, {"prompt": "Q", "chosen": ""}], indent=1))
+    bad = BadRows()
+    assert len(list(read_jsonl(src, normalize_dpo, bad))) == 2 and bad.total == 1
+
+
+def test_cli_exit_status_is_nonzero_only_without_valid_rows(tmp_path):
+    good, empty = tmp_path / "good.jsonl", tmp_path / "empty.jsonl"
+    good.write_text('{"instruction": "q", "output": "a"}\n{bad\n')
+    empty.write_text('{bad\n{"x": 1}\n')
+    run = lambda src: subprocess.run([sys.executable, "data_process.py", "sft", "--input", str(src), "--output",  # noqa
+                                      str(tmp_path / "o.jsonl")], cwd=ROOT, capture_output=True, text=True)
+    ok, fail = run(good), run(empty)
+    assert ok.returncode == 0 and "1 rows" in ok.stdout and "malformed JSON (lines 2)" in ok.stdout
+    assert fail.returncode == 1 and "no valid rows" in fail.stderr
+
+
+def test_sft_and_dpo_datasets(demo_data):
+    tok = load_tokenizer(demo_data / "tokenizer")
+    sft = SFTDataset(demo_data / "data" / "sft_data.jsonl", tok, max_length=64)
+    item = sft[0]
+    assert item["input_ids"].shape == item["labels"].shape and (item["labels"] != -100).any()
+    batch = pad_collate([sft[i] for i in range(4)])
+    assert batch["input_ids"].shape == batch["labels"].shape
+    dpo = DPODataset(demo_data / "data" / "dpo_data.jsonl", tok)
+    pair = dpo[0]
+    prompt_len = int((pair["chosen_labels"] == -100).sum())
+    assert torch.equal(pair["chosen_input_ids"][:prompt_len], pair["rejected_input_ids"][:prompt_len])

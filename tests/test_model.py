@@ -1,0 +1,180 @@
+"""The model against transformers' Llama, its cache, masks, MoE and the transformers interface."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+from conftest import tiny_config, tiny_model
+from model.LMConfig import preset_config
+from model.model import MiniMindLM
+from model.convert import llama_config, to_llama_state_dict
+from model.generate import SamplingParams, generate_ids
+
+
+def to_llama(model):
+    llama = LlamaForCausalLM(llama_config(model.config)).eval()
+    llama.load_state_dict(to_llama_state_dict(model.state_dict(), model.config), strict=True)
+    return llama
+
+
+@pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 4.0}, {"type": "yarn", "factor": 4.0}])
+def test_logits_equal_transformers_llama(scaling):
+    model = tiny_model(rope_scaling=scaling, max_seq_len=16)
+    ids = torch.randint(0, 128, (2, 48))  # past max_seq_len: the scaled positions are exercised
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, to_llama(model)(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_kv_cache_decoding_equals_full_forward(model):
+    ids = torch.randint(0, 128, (2, 30))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :20], use_cache=True)
+        steps, cache = [out.logits], out.cache
+        for t in range(20, 30):
+            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_causality(model):
+    ids = torch.randint(0, 128, (1, 24))
+    changed = ids.clone()
+    changed[0, 15:] = (changed[0, 15:] + 7) % 128
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :15], b[:, :15], atol=0, rtol=0)
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_left_padded_batch_matches_each_prompt_alone(flash):
+    model = tiny_model(flash_attn=flash)
+    prompts = [torch.randint(3, 128, (n,)) for n in (12, 5, 9)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask).logits
+        for row, p in enumerate(prompts):
+            alone = model(p[None]).logits[0]
+            torch.testing.assert_close(batch[row, width - len(p):], alone, atol=1e-5, rtol=0)
+
+
+def test_explicit_attention_equals_sdpa():
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        fused = tiny_model(flash_attn=True)(ids).logits
+        explicit = tiny_model(flash_attn=False)(ids).logits
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
+
+
+def naive_moe(ffn, x):
+    """Every token through its experts one at a time: the reference for the batched dispatch."""
+    flat = x.reshape(-1, x.shape[-1])
+    top_idx, top_weight, _ = ffn.gate(flat)
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for j in range(top_idx.shape[1]):
+            out[t] += top_weight[t, j] * ffn.experts[int(top_idx[t, j])](flat[t])
+    return out.view_as(x) + ffn.shared_experts(x)
+
+
+def test_moe_dispatch_equals_naive_loop():
+    model = tiny_model(use_moe=True, n_routed_experts=4, num_experts_per_tok=2)
+    ffn = model.layers[0].feed_forward
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        batched, _ = ffn(x)
+    torch.testing.assert_close(batched, naive_moe(ffn, x), atol=1e-5, rtol=1e-5)
+
+
+def test_moe_aux_loss_is_in_the_loss_and_trains_the_gate():
+    model = tiny_model(use_moe=True, aux_loss_alpha=0.1).train()
+    ids = torch.randint(0, 128, (4, 32))
+    out = model(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    plain = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, plain + out.aux_loss)
+    # The balance loss alone sends a gradient to every router.
+    out.aux_loss.backward()
+    for layer in model.layers:
+        assert layer.feed_forward.gate.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_moe_eval_has_no_aux_loss_and_cache_works():
+    model = tiny_model(use_moe=True)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        full = model(ids)
+        assert full.aux_loss is None
+        first = model(ids[:, :10], use_cache=True)
+        rest = model(ids[:, 10:], cache=first.cache, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset,expected", [("minimind-v1-small", 26e6), ("minimind-v1", 108e6)])
+def test_preset_parameter_counts_match_the_seed_table(preset, expected):
+    with torch.device("meta"):
+        model = MiniMindLM(preset_config(preset))
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - expected) / expected < 0.05, count
+
+
+def test_labels_ignore_minus_100(model):
+    ids = torch.randint(0, 128, (2, 12))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, 5:-1].reshape(-1, 128), ids[:, 6:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_transformers_generate_agrees_with_ours(model):
+    prompt = torch.randint(3, 128, (1, 8))
+    theirs = model.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 8:]
+    ours = torch.stack(list(generate_ids(model, [prompt[0].tolist()], SamplingParams(max_new_tokens=24),
+                                         eos_token_id=-1)))[:, 0]
+    assert len(set(ours.tolist())) > 3, "degenerate test model"
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_generation_past_max_seq_len(model):
+    prompt = torch.randint(3, 128, (60,)).tolist()  # max_seq_len is 64
+    steps = list(generate_ids(model, [prompt], SamplingParams(max_new_tokens=40), eos_token_id=-1))
+    assert len(steps) == 40
+
+
+def test_save_and_load_pretrained_round_trip(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "minimind"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, MiniMindLM)
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    assert loaded.output.weight.data_ptr() == loaded.tok_embeddings.weight.data_ptr()
+
+
+def test_peft_lora_wraps_and_trains_a_step(model):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["wq", "wv", "w1", "w2"]))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 128, (2, 16))
+    peft_model.train()
+    before = peft_model(input_ids=ids, labels=ids).loss
+    before.backward()
+    opt.step()
+    after = peft_model(input_ids=ids, labels=ids).loss
+    assert after.item() < before.item()

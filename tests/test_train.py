@@ -1,0 +1,229 @@
+"""The shared trainer through the real scripts: learning, exact resume, distributed runs, precision, safety."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, load_script, tiny_model
+from model.checkpoint import CheckpointMismatch
+from model.trainer import NonFiniteLoss, Task, Trainer, autocast_context, resolve_precision
+
+TINY = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--vocab_size", "1000",
+        "--max_seq_len", "64", "--device", "cpu", "--quiet"]
+
+
+def pretrain_args(demo_data, out, *extra):
+    return ["--data_path", str(demo_data / "tokens"), "--out_dir", str(out), *TINY, "--batch_size", "8",
+            "--learning_rate", "3e-3", "--warmup_iters", "2", "--log_interval", "1", *extra]
+
+
+def metrics(out, name="pretrain_64"):
+    return [json.loads(line) for line in open(Path(out) / name / "metrics.jsonl")]
+
+
+def same_weights(a, b, atol=0.0):
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= atol, worst
+
+
+def test_pretraining_loss_falls(demo_data, tmp_path):
+    result = load_script("1-pretrain.py").main(pretrain_args(demo_data, tmp_path, "--max_steps", "40",
+                                                             "--save_interval", "0"))
+    losses = [r["loss"] for r in metrics(tmp_path) if "loss" in r]
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+    assert result["val_loss"] is not None and result["val_loss"] < losses[0]
+    assert (tmp_path / "pretrain_64.safetensors").exists() and (tmp_path / "pretrain_64" / "loss.png").exists()
+
+
+def run_script_process(script, args, env=None):
+    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+
+
+def wait_for(path: Path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.02)
+
+
+def test_kill_9_and_resume_gives_bitwise_equal_weights(demo_data, tmp_path):
+    flags = ["--max_steps", "30", "--save_interval", "3", "--dropout", "0.1"]  # dropout: the RNG must resume too
+    pretrain = load_script("1-pretrain.py")
+    pretrain.main(pretrain_args(demo_data, tmp_path / "straight", *flags))
+
+    killed = tmp_path / "killed"
+    proc = run_script_process("1-pretrain.py", pretrain_args(demo_data, killed, *flags))
+    k = random.Random().choice([3, 6, 9, 12])
+    wait_for(killed / "pretrain_64" / "checkpoints" / f"step_{k:08d}", proc)
+    time.sleep(random.random() * 0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "pretrain_64.safetensors").exists()
+
+    result = pretrain.main(pretrain_args(demo_data, killed, *flags, "--resume", "auto"))
+    assert result["step"] == 30
+    same_weights(tmp_path / "straight" / "pretrain_64.safetensors", killed / "pretrain_64.safetensors")
+    steps = [r["step"] for r in metrics(killed) if "loss" in r]
+    assert steps == sorted(set(steps))  # rows logged after the checkpoint by the killed run were dropped
+
+
+def test_damaged_newest_checkpoint_is_skipped(demo_data, tmp_path, capsys):
+    pretrain = load_script("1-pretrain.py")
+    pretrain.main(pretrain_args(demo_data, tmp_path, "--max_steps", "6", "--save_interval", "2"))
+    ckpts = tmp_path / "pretrain_64" / "checkpoints"
+    newest = ckpts / "step_00000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, as by a full disk
+    (ckpts / ".step_00000008.tmp999").mkdir()  # a half-written one from a killed run
+    result = pretrain.main(pretrain_args(demo_data, tmp_path, "--max_steps", "8", "--save_interval", "2",
+                                         "--resume", "auto"))
+    out = capsys.readouterr().out
+    assert "skipping damaged checkpoint" in out and "step_00000006" in out
+    assert "resumed from" in out and "step_00000004" in out
+    assert result["step"] == 8
+
+
+def torchrun(args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + random.randint(0, 2000)), *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(demo_data, tmp_path, strategy):
+    flags = ["--max_steps", "4", "--save_interval", "0"]
+    torchrun(["1-pretrain.py", *pretrain_args(demo_data, tmp_path / "two", *flags, "--strategy", strategy)])
+    args = pretrain_args(demo_data, tmp_path / "one", *flags)
+    args[args.index("--batch_size") + 1] = "16"  # 2 processes x 8 = 16
+    load_script("1-pretrain.py").main(args)
+    same_weights(tmp_path / "one" / "pretrain_64.safetensors", tmp_path / "two" / "pretrain_64.safetensors", 1e-5)
+    losses = [r["loss"] for r in metrics(tmp_path / "two") if "loss" in r]
+    assert losses[-1] < losses[0]
+
+
+def test_sigterm_saves_a_checkpoint_then_resume_finishes(demo_data, tmp_path):
+    flags = ["--max_steps", "400", "--save_interval", "0"]
+    proc = run_script_process("1-pretrain.py", pretrain_args(demo_data, tmp_path, *flags))
+    wait_for(tmp_path / "pretrain_64" / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "stopped by signal" in output
+    saved = list((tmp_path / "pretrain_64" / "checkpoints").iterdir())
+    assert len(saved) == 1
+    stopped_at = int(saved[0].name.split("_")[1])
+    assert 0 < stopped_at < 400
+    result = load_script("1-pretrain.py").main(
+        pretrain_args(demo_data, tmp_path, "--max_steps", str(stopped_at + 3), "--save_interval", "0",
+                      "--resume", "auto"))
+    assert result["step"] == stopped_at + 3
+
+
+def test_sft_starts_from_pretrain_weights_and_trains_on_answers_only(demo_data, tmp_path):
+    load_script("1-pretrain.py").main(pretrain_args(demo_data, tmp_path, "--max_steps", "3", "--save_interval", "0"))
+    sft = load_script("3-full_sft.py")
+    sft_flags = ["--data_path", str(demo_data / "data" / "sft_data.jsonl"), "--out_dir", str(tmp_path),
+                 "--tokenizer", str(demo_data / "tokenizer"), *TINY, "--batch_size", "4", "--max_steps", "3",
+                 "--save_interval", "0", "--freeze_embeddings"]
+    result = sft.main(sft_flags)
+    assert result["output"].endswith("full_sft_64.safetensors")
+    pre = load_file(str(tmp_path / "pretrain_64.safetensors"))
+    post = load_file(str(tmp_path / "full_sft_64.safetensors"))
+    assert torch.equal(pre["tok_embeddings.weight"], post["tok_embeddings.weight"])  # frozen
+    assert not torch.equal(pre["layers.0.attention.wq.weight"], post["layers.0.attention.wq.weight"])
+
+    # The loss is the cross-entropy over answer tokens only.
+    from model.stages import sft_task
+
+    model, task = sft_task(_sft_namespace(sft_flags))
+    batch = task.collate([task.train_data[i] for i in range(3)])
+    loss, _ = task.loss(model, batch)
+    logits = model(batch["input_ids"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    assert 0 < keep.sum() < labels.numel() / 2
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[keep], labels[keep]))
+
+    # Strict loading: a pretrain checkpoint of other dims is refused with the keys and shapes named.
+    with pytest.raises(CheckpointMismatch, match="shape of layers.0.attention.wq.weight"):
+        from model.checkpoint import strict_load
+
+        strict_load(tiny_model(dim=32, n_heads=4, n_kv_heads=2, vocab_size=1000), pre, "pretrain_64")
+
+
+def _sft_namespace(flags):
+    import argparse
+
+    from model.trainer import add_model_args, add_train_args
+
+    parser = argparse.ArgumentParser()
+    add_train_args(parser)
+    add_model_args(parser)
+    parser.add_argument("--freeze_embeddings", action="store_true")
+    return parser.parse_args(flags)
+
+
+def test_precision_choice_and_autocast():
+    assert resolve_precision("cpu", "auto") == (None, False)
+    assert resolve_precision("cuda", "auto", bf16_supported=True) == (torch.bfloat16, False)
+    assert resolve_precision("cuda", "auto", bf16_supported=False) == (torch.float16, True)
+    assert resolve_precision("cpu", "bfloat16") == (torch.bfloat16, False)
+    assert resolve_precision("cuda", "float16") == (torch.float16, True)
+    assert resolve_precision("cuda", "float32") == (None, False)
+    model = tiny_model()
+    seen = {}
+    model.layers[0].attention.wq.register_forward_hook(
+        lambda m, i, o: seen.update(on=torch.is_autocast_enabled("cpu"), dtype=o.dtype))
+    with autocast_context("cpu", torch.bfloat16):
+        model(torch.randint(0, 128, (1, 8)))
+    assert seen == {"on": True, "dtype": torch.bfloat16}
+    with autocast_context("cpu", None):
+        model(torch.randint(0, 128, (1, 8)))
+    assert seen == {"on": False, "dtype": torch.float32}
+
+
+class Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path):
+    calls = {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        return (out * float("nan") if calls["n"] == 4 else out), {}
+
+    import argparse
+
+    from model.trainer import add_train_args
+
+    parser = argparse.ArgumentParser()
+    add_train_args(parser)
+    args = parser.parse_args(["--out_dir", str(tmp_path), "--batch_size", "4", "--device", "cpu", "--quiet",
+                              "--save_interval", "0", "--log_interval", "1"])
+    model = tiny_model().train()
+    task = Task("nan_test", Numbers(), loss, lambda m, s, o: None)
+    with pytest.raises(NonFiniteLoss, match="non-finite at step 4"):
+        Trainer(args, model, task).fit()
+    saved = list((tmp_path / "nan_test" / "checkpoints").iterdir())
+    assert [p.name for p in saved] == ["step_00000003"]
+    weights = load_file(str(saved[0] / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
