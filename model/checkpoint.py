@@ -55,10 +55,19 @@ def strict_load(model: torch.nn.Module, state: dict, source: str = ""):
 
 def save_weights(path, state: dict, config=None, metadata: dict | None = None):
     """Atomic safetensors file; the model config rides along in the header so the file loads on its own."""
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    if config is not None and getattr(config, "tie_word_embeddings", False):
-        state.pop("output.weight", None)  # the same tensor as tok_embeddings.weight
+    # safetensors stores each tensor once: tied weights (output = embeddings) are kept as aliases.
+    kept, aliases, seen = {}, {}, {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.device.type != "meta" else k
+        if key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            kept[k] = v.detach().contiguous().cpu()
+    state = kept
     meta = {"format": "pt", **(metadata or {})}
+    if aliases:
+        meta["aliases"] = json.dumps(aliases)
     if config is not None:
         meta["minimind_config"] = config.to_json_string(use_diff=False)
     path = Path(path)
@@ -75,7 +84,10 @@ def save_weights(path, state: dict, config=None, metadata: dict | None = None):
 def read_weights(path) -> tuple[dict, dict]:
     """(state dict, header metadata) of a safetensors file."""
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        state, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    for alias, original in json.loads(meta.get("aliases", "{}")).items():
+        state[alias] = state[original]
+    return state, meta
 
 
 def sha256(path, block=1 << 20) -> str:

@@ -7,6 +7,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from .checkpoint import save_weights
@@ -102,3 +103,117 @@ def sft_task(args):
     name = output_name("full_sft", model.config)
     collate = partial(pad_collate, pad_id=tokenizer.pad_token_id or 0)
     return model, Task(name, train, lm_loss, safetensors_saver(name), val_data=val, collate=collate)
+
+
+LORA_TARGETS = "wq,wk,wv,wo,w1,w2,w3"  # attention and FFN projections
+
+
+def add_lora(model, base_path: str, rank: int, alpha: float, dropout: float, targets: str):
+    from peft import LoraConfig, get_peft_model
+
+    model.name_or_path = str(base_path)  # peft records it as the adapter's base model
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets.split(","),
+                        bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
+    return peft_model
+
+
+def adapter_saver(name: str, merge: bool):
+    """peft's adapter folder (adapter_config.json + adapter_model.safetensors); with merge, a full model too."""
+    def save(model, state, out_dir: Path) -> Path:
+        folder = Path(out_dir) / name
+        model.save_pretrained(str(folder))
+        if merge:
+            merged = model.merge_and_unload()
+            save_weights(Path(out_dir) / f"{name}_merged.safetensors", merged.state_dict(), merged.config)
+        return folder
+    return save
+
+
+def lora_task(args):
+    from .loading import load_model
+
+    base = load_model(args.ckpt).train()
+    model = add_lora(base, args.ckpt, args.lora_rank, args.lora_alpha, args.lora_dropout, args.target_modules)
+    tokenizer = load_tokenizer_for(args)
+    data = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
+    train, val = hold_out(data) if not args.val_path else (data, SFTDataset(args.val_path, tokenizer, args.max_seq_len))
+    name = output_name("lora_sft", base.config)
+    collate = partial(pad_collate, pad_id=tokenizer.pad_token_id or 0)
+    return model, Task(name, train, lm_loss, adapter_saver(name, args.merge), val_data=val, collate=collate)
+
+
+# ------------------------------------------------------------------------------------------------------- DPO
+def sequence_logps(model, input_ids, labels):
+    """Sum of log p(token) over the labelled tokens of each row: (B,)."""
+    logits = model(input_ids=input_ids).logits[:, :-1].float()  # (B, T-1, V)
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return (logps * mask).sum(dim=-1)
+
+
+def dpo_objective(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * [(pi_c - ref_c) - (pi_r - ref_r)]).
+
+    With label_smoothing e the preference is trusted with probability 1 - e (conservative DPO).
+    Returns the mean loss and the implicit rewards beta * (pi - ref) of chosen and rejected answers.
+    """
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    margin = chosen_reward - rejected_reward
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return losses.mean(), chosen_reward, rejected_reward
+
+
+def dpo_collate(batch, pad_id=0):
+    """Chosen rows first, then rejected rows, all padded to one width: a single forward scores both."""
+    rows = [{"input_ids": b["chosen_input_ids"], "labels": b["chosen_labels"]} for b in batch]
+    rows += [{"input_ids": b["rejected_input_ids"], "labels": b["rejected_labels"]} for b in batch]
+    return pad_collate(rows, pad_id)
+
+
+def reference_logps(model, reference, input_ids, labels):
+    with torch.no_grad():
+        if reference is None:  # LoRA: the base model with the adapter switched off is the reference
+            with model.disable_adapter():
+                return sequence_logps(model, input_ids, labels)
+        return sequence_logps(reference, input_ids, labels)
+
+
+def dpo_loss(reference, beta, label_smoothing):
+    def loss(model, batch):
+        ids, labels = batch["input_ids"], batch["labels"]
+        policy = sequence_logps(model, ids, labels)
+        ref = reference_logps(getattr(model, "module", model), reference, ids, labels)
+        (pc, pr), (rc, rr) = policy.chunk(2), ref.chunk(2)
+        value, chosen_reward, rejected_reward = dpo_objective(pc, pr, rc, rr, beta, label_smoothing)
+        return value, {"reward_accuracy": (chosen_reward > rejected_reward).float().mean().detach(),
+                       "chosen_reward": chosen_reward.mean().detach(),
+                       "rejected_reward": rejected_reward.mean().detach(),
+                       "reward_margin": (chosen_reward - rejected_reward).mean().detach()}
+    return loss
+
+
+def dpo_task(args):
+    import copy
+
+    from .loading import load_model
+
+    model = load_model(args.ckpt).train()
+    config = model.config
+    if args.lora_rank > 0:
+        model, reference = add_lora(model, args.ckpt, args.lora_rank, args.lora_alpha, 0.0, LORA_TARGETS), None
+    else:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    tokenizer = load_tokenizer_for(args)
+    data = DPODataset(args.data_path, tokenizer, args.max_seq_len, args.max_prompt_length)
+    train, val = hold_out(data) if not args.val_path else (
+        data, DPODataset(args.val_path, tokenizer, args.max_seq_len, args.max_prompt_length))
+    name = output_name("dpo", config)
+    save = adapter_saver(name, merge=True) if reference is None else safetensors_saver(name)
+    task = Task(name, train, dpo_loss(reference, args.beta, args.label_smoothing), save, val_data=val,
+                collate=partial(dpo_collate, pad_id=tokenizer.pad_token_id or 0))
+    task.reference = reference
+    return model, task

@@ -408,24 +408,26 @@ class Trainer:
 
     # -- evaluation
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> dict | None:
         if self.task.val_data is None or len(self.task.val_data) == 0:
             return None
         self.model.eval()
         sampler = DistributedSampler(self.task.val_data, self.world, self.rank, shuffle=False)
         loader = self.make_loader(self.task.val_data, sampler, 0)
-        total, n = 0.0, 0
+        sums, n = {}, 0
         for i, batch in enumerate(loader):
             if i >= self.args.eval_batches:
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with autocast_context(self.device.type, self.amp_dtype):
-                loss, _ = self.task.loss(self.model, batch)
-            total, n = total + loss.item(), n + 1
+                loss, metrics = self.task.loss(self.model, batch)
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
         self.model.train()
         if n == 0:
             return None
-        return self.mean_over_ranks({"val_loss": total / n})["val_loss"]
+        return self.mean_over_ranks({f"val_{k}": v / n for k, v in sums.items()})
 
     # -- the loop
     def fit(self) -> dict:
@@ -532,9 +534,9 @@ class Trainer:
     def run_eval(self):
         val = self.evaluate()
         if val is not None:
-            self.last_val_loss = val
-            self.record({"step": self.step, "val_loss": val})
-            self.log(f"step {self.step}: validation loss {val:.4f}")
+            self.last_val_loss = val["val_loss"]
+            self.record({"step": self.step, **val})
+            self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
             if self.master:
                 plot_metrics(self.metrics_file, self.run_dir / "loss.png", self.task.name)
 

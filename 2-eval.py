@@ -1,0 +1,56 @@
+"""Chat with a model: a scripted set of questions, one --prompt, or an interactive session with history.
+
+    python 2-eval.py --ckpt out/full_sft_512.safetensors                 (the built-in questions)
+    python 2-eval.py --ckpt out/lora_sft_512 --interactive --history 2   (chat; 'exit' or Ctrl-D to leave)
+"""
+import argparse
+import sys
+
+from model.chat import add_inference_args, load_for_inference, sampling_from_args, stream_to
+from model.evaluation import chat_prompt
+
+# The seed README's sample questions, and a few from the demo world.
+QUESTIONS = ["你知道长江吗？", "Which country launched the first artificial satellite?", "你知道泰山在哪里吗？",
+             "What is the highest mountain in the world?", "万有引力是谁提出的？", "你知道大熊猫的主要食物是什么吗？",
+             "What is the capital of France?", "日本的首都是哪里？", "你是谁？"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_inference_args(parser, ckpt="out/full_sft_512.safetensors")
+    parser.add_argument("--prompt", action="append", help="a question (repeatable); default: the built-in set")
+    parser.add_argument("--interactive", action="store_true", help="chat in the terminal")
+    parser.add_argument("--history", type=int, default=0, help="earlier turns the model sees (0: single-turn)")
+    parser.add_argument("--system", default=None, help="a system message")
+    args = parser.parse_args(argv)
+    model, tokenizer = load_for_inference(args)
+    params = sampling_from_args(args)
+    history = []
+
+    def answer(question):
+        ids = chat_prompt(tokenizer, question, history[-args.history:] if args.history else (), args.system)
+        sys.stdout.write("🤖: ")
+        reply = stream_to(sys.stdout, model, tokenizer, ids, params)
+        sys.stdout.write("\n\n")
+        history.append((question, reply))
+
+    if not args.interactive:
+        for q in args.prompt or QUESTIONS:
+            print(f"👶: {q}")
+            answer(q)
+        return
+    print("Chat with MiniMind ('exit' or Ctrl-D to leave).")
+    while True:
+        try:
+            question = input("👶: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+        if question.lower() in ("exit", "quit"):
+            break
+        if question:
+            answer(question)
+
+
+if __name__ == "__main__":
+    main()

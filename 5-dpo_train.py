@@ -1,0 +1,29 @@
+"""DPO: prefer the chosen answer over the rejected one, relative to a frozen reference model.
+
+    python 5-dpo_train.py --ckpt out/full_sft_512.safetensors --data_path dataset/dpo_data.jsonl --out_dir out [--beta 0.1]
+The reference is a frozen copy of --ckpt; with --lora_rank N the policy is a LoRA adapter and the reference is
+the same model with the adapter switched off. Result: out/dpo_{dim}.safetensors (with LoRA: out/dpo_{dim}/ and
+out/dpo_{dim}_merged.safetensors).
+"""
+import argparse
+
+from model.stages import dpo_task
+from model.trainer import Trainer, add_train_args
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(parser, data_path="dataset/dpo_data.jsonl", learning_rate=1e-5, batch_size=8)
+    parser.add_argument("--ckpt", default="out/full_sft_512.safetensors", help="the SFT model to align")
+    parser.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
+    parser.add_argument("--label_smoothing", type=float, default=0.0, help="assumed share of flipped preferences")
+    parser.add_argument("--max_prompt_length", type=int, default=256)
+    parser.add_argument("--lora_rank", type=int, default=0, help="train a LoRA adapter instead of all weights")
+    parser.add_argument("--lora_alpha", type=float, default=16)
+    args = parser.parse_args(argv)
+    model, task = dpo_task(args)
+    return Trainer(args, model, task).fit()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Chat in the terminal with any OpenAI-compatible server (ours: my_openai_api.py), through the official client.
+
+    python chat_openai_api.py [--base_url http://127.0.0.1:8998/v1] [--api_key KEY] [--model NAME] [--prompt TEXT]
+Base URL, key and model default to $OPENAI_BASE_URL, $OPENAI_API_KEY and the server's first model.
+"""
+import argparse
+import os
+import sys
+
+from openai import OpenAI, OpenAIError
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base_url", default=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8998/v1"))
+    parser.add_argument("--api_key", default=os.environ.get("OPENAI_API_KEY", "none"))
+    parser.add_argument("--model", default=os.environ.get("OPENAI_MODEL"))
+    parser.add_argument("--system", default=None)
+    parser.add_argument("--history", type=int, default=4, help="earlier turns sent along (0: none)")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max_tokens", type=int, default=256)
+    parser.add_argument("--prompt", action="append", help="ask this and exit (repeatable) instead of chatting")
+    args = parser.parse_args(argv)
+    client = OpenAI(base_url=args.base_url, api_key=args.api_key)
+    try:
+        model = args.model or client.models.list().data[0].id
+    except OpenAIError as e:
+        sys.exit(f"cannot reach {args.base_url}: {e}")
+    history = []
+
+    def ask(question):
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        for q, a in history[-args.history:] if args.history else []:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": question})
+        stream = client.chat.completions.create(model=model, messages=messages, stream=True,
+                                                temperature=args.temperature, max_tokens=args.max_tokens)
+        reply = ""
+        print("🤖: ", end="", flush=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                reply += chunk.choices[0].delta.content
+                print(chunk.choices[0].delta.content, end="", flush=True)
+        print("\n")
+        history.append((question, reply))
+        return reply
+
+    try:
+        if args.prompt:
+            for q in args.prompt:
+                print(f"👶: {q}")
+                ask(q)
+            return
+        print(f"chatting with '{model}' at {args.base_url} ('exit' or Ctrl-D to leave)")
+        while True:
+            try:
+                question = input("👶: ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            if question.lower() in ("exit", "quit"):
+                return
+            if question:
+                ask(question)
+    except OpenAIError as e:
+        sys.exit(f"request failed: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Shared by the scripts that talk to a model: loading a model with its tokenizer, sampling flags, streaming."""
+import argparse
+from pathlib import Path
+
+import torch
+
+from .generate import SamplingParams, stream_text
+
+
+def add_inference_args(parser: argparse.ArgumentParser, ckpt: str):
+    g = parser.add_argument_group("model and sampling")
+    g.add_argument("--ckpt", default=ckpt, help="a checkpoint, exported folder, LoRA adapter or upstream .pth")
+    g.add_argument("--tokenizer", default=None, help="default: the checkpoint's own, else model/minimind_tokenizer")
+    g.add_argument("--preset", default=None, help="dims for an upstream .pth (see model/LMConfig.py)")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--rope_scaling", default=None, metavar="TYPE:FACTOR",
+                   help="extend the context at inference, e.g. yarn:4 (trained at 512, chat at 2048) or linear:4")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top_p", type=float, default=0.9)
+    g.add_argument("--top_k", type=int, default=0)
+    g.add_argument("--repetition_penalty", type=float, default=1.0)
+    g.add_argument("--max_new_tokens", type=int, default=256)
+    g.add_argument("--seed", type=int, default=None)
+    return g
+
+
+def sampling_from_args(args, stop=()) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(stop),
+                          seed=args.seed)
+
+
+def parse_rope_scaling(text: str | None):
+    if not text:
+        return None
+    kind, _, factor = text.partition(":")
+    return {"type": kind, "factor": float(factor or 4)}
+
+
+def find_tokenizer(ckpt, explicit=None):
+    """--tokenizer, else the tokenizer saved with the checkpoint (exported folders, training metadata), else default."""
+    from .loading import resolve_path
+    from .tokenizer import DEFAULT_TOKENIZER_DIR
+
+    if explicit:
+        return Path(explicit)
+    path = resolve_path(ckpt)
+    folder = path if path.is_dir() else path.parent
+    if (folder / "tokenizer.json").exists():
+        return folder
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            saved = (f.metadata() or {}).get("tokenizer")
+        if saved and (Path(saved) / "tokenizer.json").exists():
+            return Path(saved)
+    return DEFAULT_TOKENIZER_DIR
+
+
+def load_for_inference(args):
+    """(model, tokenizer) ready for generation, as the flags of add_inference_args ask."""
+    from .loading import load_model
+    from .tokenizer import load_tokenizer
+    from .trainer import pick_device
+
+    device = pick_device(args.device)
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = load_model(args.ckpt, device=device, dtype=dtype, preset=args.preset,
+                       rope_scaling=parse_rope_scaling(args.rope_scaling))
+    tokenizer = load_tokenizer(find_tokenizer(args.ckpt, args.tokenizer))
+    if len(tokenizer) > model.config.vocab_size:
+        raise SystemExit(f"the tokenizer ({len(tokenizer)} tokens) does not fit the model (vocab "
+                         f"{model.config.vocab_size}); pass the --tokenizer the model was trained with")
+    return model, tokenizer
+
+
+def stream_to(out, model, tokenizer, prompt_ids, params) -> str:
+    """Generate for one prompt, writing text as it arrives; returns the whole answer."""
+    text = ""
+    for deltas in stream_text(model, tokenizer, [prompt_ids], params):
+        for d in deltas:
+            text += d.text
+            out.write(d.text)
+            out.flush()
+    return text
+
+
+
+def find_checkpoints(root="out") -> list[str]:
+    """Loadable models under `root`: final .safetensors files, exported folders and LoRA adapters (newest first)."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    found = [p for p in root.glob("*.safetensors")]
+    found += [p.parent for p in root.glob("**/config.json") if (p.parent / "model.safetensors").exists()
+              and "checkpoints" not in p.parts]
+    found += [p.parent for p in root.glob("**/adapter_config.json") if "checkpoints" not in p.parts]
+    return [str(p) for p in sorted(set(found), key=lambda p: p.stat().st_mtime, reverse=True)]

@@ -1,0 +1,146 @@
+"""Measurements: held-out fact QA on the demo world, C-Eval style multiple choice, DPO preference margins."""
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .generate import SamplingParams, generate_text
+
+
+def chat_prompt(tokenizer, question: str, history=(), system: str | None = None) -> list[int]:
+    messages = ([{"role": "system", "content": system}] if system else [])
+    for q, a in history:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": question})
+    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+
+
+def fact_qa(model, tokenizer, rows: list[dict], batch_size: int = 32, max_new_tokens: int = 24) -> dict:
+    """Greedy answers to held-out questions; a hit names exactly one capital, the right one.
+
+    Returns {"en": accuracy, "zh": accuracy, "all": accuracy, "answers": [...]}.
+    """
+    from .demo_corpus import EntityFinder
+
+    finder = EntityFinder()
+    answers, hits = [], defaultdict(list)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        prompts = [chat_prompt(tokenizer, r["question"]) for r in chunk]
+        outputs = generate_text(model, tokenizer, prompts, SamplingParams(max_new_tokens=max_new_tokens))
+        for r, out in zip(chunk, outputs):
+            hit = finder.exact_match(out["text"], r["answer"])
+            hits[r["lang"]].append(hit)
+            answers.append({**r, "response": out["text"], "hit": hit})
+    result = {lang: sum(v) / len(v) for lang, v in hits.items()}
+    result["all"] = sum(sum(v) for v in hits.values()) / max(1, sum(len(v) for v in hits.values()))
+    result["answers"] = answers
+    return result
+
+
+def read_jsonl_rows(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------------ C-Eval
+CHOICES = "ABCD"
+
+
+def read_ceval_split(data_dir, split: str) -> dict[str, list[dict]]:
+    """{subject: rows} from <data_dir>/<split>/<subject>_<split>.csv (columns id,question,A,B,C,D,answer)."""
+    folder = Path(data_dir) / split
+    files = sorted(folder.glob(f"*_{split}.csv"))
+    if not files:
+        raise FileNotFoundError(f"no {folder}/<subject>_{split}.csv files (C-Eval layout expected)")
+    subjects = {}
+    for f in files:
+        with open(f, encoding="utf-8", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        missing = {"id", "question", *CHOICES, "answer"} - set(rows[0] if rows else {})
+        if missing:
+            raise ValueError(f"{f} lacks columns {sorted(missing)}")
+        subjects[f.name[: -len(f"_{split}.csv")]] = rows
+    return subjects
+
+
+def ceval_question(row: dict) -> str:
+    options = "\n".join(f"{c}. {row[c]}" for c in CHOICES)
+    return f"{row['question']}\n{options}\n答案："
+
+
+def ceval_prompt(tokenizer, row: dict, shots: list[dict], template: str) -> list[int]:
+    """The question (after k solved examples) laid out so the next token is the answer letter."""
+    if template == "chat":
+        history = [(ceval_question(s), s["answer"]) for s in shots]
+        return chat_prompt(tokenizer, ceval_question(row), history)
+    text = "".join(f"{ceval_question(s)}{s['answer']}\n\n" for s in shots) + ceval_question(row)
+    return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+
+
+@torch.no_grad()
+def ceval_evaluate(model, tokenizer, data_dir, split: str = "val", shots: int = 0, template: str = "chat",
+                   batch_size: int = 16, max_length: int = 2048, progress: bool = True) -> dict:
+    """Accuracy by the seed's method: the argmax over the next-token probabilities of A, B, C and D.
+
+    Returns {"subjects": {name: {"correct", "total", "accuracy"}}, "correct", "total", "accuracy", "rows"}.
+    """
+    from tqdm import tqdm
+
+    from .generate import left_pad
+
+    letter_ids = [tokenizer.encode(c, add_special_tokens=False)[0] for c in CHOICES]
+    dev = read_ceval_split(data_dir, "dev") if shots else {}
+    subjects = read_ceval_split(data_dir, split)
+    device = next(model.parameters()).device
+    jobs = [(name, row) for name, rows in subjects.items() for row in rows]
+    results, per_subject = [], defaultdict(lambda: [0, 0])
+    bar = tqdm(total=len(jobs), desc=f"C-Eval {split}", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        prompts = [ceval_prompt(tokenizer, row, dev.get(name, [])[:shots], template)[-max_length:]
+                   for name, row in chunk]
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id or 0, device)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
+        probs = logits[:, letter_ids].softmax(dim=-1).cpu()
+        for (name, row), p in zip(chunk, probs):
+            prediction = CHOICES[int(p.argmax())]
+            correct = prediction == row["answer"].strip()
+            per_subject[name][0] += correct
+            per_subject[name][1] += 1
+            results.append({"subject": name, "id": row["id"], "answer": row["answer"], "prediction": prediction,
+                            "correct": correct, **{f"p_{c}": round(float(x), 4) for c, x in zip(CHOICES, p)}})
+        bar.update(len(chunk))
+    bar.close()
+    correct, total = sum(v[0] for v in per_subject.values()), sum(v[1] for v in per_subject.values())
+    return {"subjects": {k: {"correct": c, "total": t, "accuracy": c / t} for k, (c, t) in sorted(per_subject.items())},
+            "correct": correct, "total": total, "accuracy": correct / max(total, 1), "rows": results}
+
+
+def ceval_markdown(result: dict, title: str) -> str:
+    lines = [f"# {title}", "", "| subject | correct | total | accuracy |", "|:--|--:|--:|--:|"]
+    for name, s in result["subjects"].items():
+        lines.append(f"| {name} | {s['correct']} | {s['total']} | {s['accuracy']:.2%} |")
+    lines.append(f"| **total** | **{result['correct']}** | **{result['total']}** | **{result['accuracy']:.2%}** |")
+    return "\n".join(lines) + "\n"
+
+
+def write_ceval_report(result: dict, out_dir, title: str):
+    """Per-subject CSVs of every answer, plus the summary in Markdown and JSON."""
+    from .io import atomic_writer
+
+    out = Path(out_dir)
+    by_subject = defaultdict(list)
+    for r in result["rows"]:
+        by_subject[r["subject"]].append(r)
+    for name, rows in by_subject.items():
+        with atomic_writer(out / "subjects" / f"{name}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    with atomic_writer(out / "summary.md", "w", encoding="utf-8") as f:
+        f.write(ceval_markdown(result, title))
+    with atomic_writer(out / "summary.json", "w", encoding="utf-8") as f:
+        json.dump({k: v for k, v in result.items() if k != "rows"}, f, indent=2, ensure_ascii=False)

@@ -1,0 +1,138 @@
+"""LoRA (peft) and DPO on the shared trainer."""
+import random
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import load_script
+from model.loading import load_model
+from model.stages import dpo_objective, sequence_logps
+from test_train import TINY, pretrain_args, run_script_process, wait_for
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("align")
+    load_script("1-pretrain.py").main(pretrain_args(demo_data, out, "--max_steps", "30", "--save_interval", "0"))
+    load_script("3-full_sft.py").main(sft_flags(demo_data, out, "--max_steps", "20", "--learning_rate", "1e-3"))
+    return out / "full_sft_64.safetensors"
+
+
+def sft_flags(demo_data, out, *extra):
+    return ["--data_path", str(demo_data / "data" / "sft_data.jsonl"), "--out_dir", str(out), "--tokenizer",
+            str(demo_data / "tokenizer"), *TINY, "--batch_size", "8", "--save_interval", "0", *extra]
+
+
+def lora_flags(demo_data, base, out, *extra):
+    return ["--ckpt", str(base), "--data_path", str(demo_data / "data" / "sft_data.jsonl"), "--out_dir", str(out),
+            "--tokenizer", str(demo_data / "tokenizer"), "--max_seq_len", "64", "--device", "cpu", "--quiet",
+            "--batch_size", "8", "--learning_rate", "5e-3", "--lora_rank", "4", *extra]
+
+
+def dpo_flags(demo_data, base, out, *extra):
+    return ["--ckpt", str(base), "--data_path", str(demo_data / "data" / "dpo_data.jsonl"), "--out_dir", str(out),
+            "--tokenizer", str(demo_data / "tokenizer"), "--max_seq_len", "64", "--device", "cpu", "--quiet",
+            "--batch_size", "8", "--learning_rate", "2e-3", "--beta", "0.5", *extra]
+
+
+def test_lora_changes_only_adapters_and_merges_exactly(demo_data, tiny_sft, tmp_path):
+    result = load_script("4-lora_sft.py").main(lora_flags(demo_data, tiny_sft, tmp_path, "--max_steps", "8",
+                                                          "--save_interval", "0", "--merge"))
+    adapter_dir = tmp_path / "lora_sft_64"
+    assert result["output"] == str(adapter_dir) and (adapter_dir / "adapter_config.json").exists()
+    adapter = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it trained
+
+    base = load_model(tiny_sft)
+    with_adapter = load_model(adapter_dir, merge_lora=False)  # base + adapter, unmerged (peft)
+    base_after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                  for k, v in with_adapter.state_dict().items() if "lora_" not in k}
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, base_after[k]), f"{k} changed"
+
+    merged = load_model(tmp_path / "lora_sft_64_merged.safetensors")
+    ids = torch.randint(3, 1000, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, with_adapter(input_ids=ids).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-4)
+
+
+def test_dpo_objective_matches_the_formula():
+    pc, pr = torch.tensor([-2.0, -5.0]), torch.tensor([-3.0, -1.0])
+    rc, rr = torch.tensor([-2.5, -4.0]), torch.tensor([-2.5, -2.0])
+    loss, chosen, rejected = dpo_objective(pc, pr, rc, rr, beta=0.5)
+    margins = 0.5 * torch.tensor([(-2.0 + 2.5) - (-3.0 + 2.5), (-5.0 + 4.0) - (-1.0 + 2.0)])  # [0.5, -1.0]
+    torch.testing.assert_close(loss, torch.log1p(torch.exp(-margins)).mean())
+    torch.testing.assert_close(chosen - rejected, margins)
+    smoothed, _, _ = dpo_objective(pc, pr, rc, rr, beta=0.5, label_smoothing=0.2)
+    expected = (0.8 * torch.log1p(torch.exp(-margins)) + 0.2 * torch.log1p(torch.exp(margins))).mean()
+    torch.testing.assert_close(smoothed, expected)
+
+
+def held_out_pairs(path, demo_data):
+    """New pairs about the training countries: other question phrasings and other wrong answers."""
+    import json
+    import random as _random
+
+    from model.demo_corpus import DemoWorld
+
+    world = DemoWorld(seed=7)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in world.dpo_rows(world.train, _random.Random(12345)):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def mean_margin(model_path, pairs, tokenizer):
+    from model.dataset import DPODataset
+    from model.stages import dpo_collate
+
+    model = load_model(model_path)
+    data = DPODataset(pairs, tokenizer, 64)
+    batch = dpo_collate([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        chosen, rejected = sequence_logps(model, batch["input_ids"], batch["labels"]).chunk(2)
+    return (chosen - rejected).mean().item(), (chosen > rejected).float().mean().item()
+
+
+def test_dpo_raises_the_held_out_margin_and_reports_reward_accuracy(demo_data, tiny_sft, tmp_path):
+    from model.tokenizer import load_tokenizer
+
+    pairs = held_out_pairs(tmp_path / "held_out_pairs.jsonl", demo_data)
+    result = load_script("5-dpo_train.py").main(dpo_flags(demo_data, tiny_sft, tmp_path, "--max_steps", "40",
+                                                          "--save_interval", "0", "--val_path", str(pairs)))
+    tok = load_tokenizer(demo_data / "tokenizer")
+    before, acc_before = mean_margin(tiny_sft, pairs, tok)
+    after, acc_after = mean_margin(result["output"], pairs, tok)
+    assert after > before + 0.5, (before, after)
+    assert acc_after > acc_before
+    import json
+
+    rows = [json.loads(line) for line in open(tmp_path / "dpo_64" / "metrics.jsonl")]
+    final = [r for r in rows if "val_reward_accuracy" in r][-1]
+    assert final["val_reward_accuracy"] > 0.5 and final["val_reward_margin"] > 0
+    assert all("reward_accuracy" in r for r in rows if "loss" in r)
+
+
+@pytest.mark.parametrize("stage", ["lora", "dpo"])
+def test_alignment_stages_resume_exactly_after_kill_9(demo_data, tiny_sft, tmp_path, stage):
+    script, flags, output = {
+        "lora": ("4-lora_sft.py", lora_flags, "lora_sft_64/adapter_model.safetensors"),
+        "dpo": ("5-dpo_train.py", dpo_flags, "dpo_64.safetensors")}[stage]
+    name = output.split("/")[0].removesuffix(".safetensors")
+    common = ["--max_steps", "12", "--save_interval", "2"]
+    module = load_script(script)
+    module.main(flags(demo_data, tiny_sft, tmp_path / "straight", *common))
+    proc = run_script_process(script, flags(demo_data, tiny_sft, tmp_path / "killed", *common))
+    k = random.Random().choice([2, 4, 6])
+    wait_for(tmp_path / "killed" / name / "checkpoints" / f"step_{k:08d}", proc)
+    time.sleep(random.random() * 0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    module.main(flags(demo_data, tiny_sft, tmp_path / "killed", *common, "--resume", "auto"))
+    a, b = load_file(str(tmp_path / "straight" / output)), load_file(str(tmp_path / "killed" / output))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,196 @@
+"""The OpenAI-compatible server as a real process, driven by the official openai client and raw HTTP."""
+import concurrent.futures
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from conftest import ROOT, tiny_model
+from model.checkpoint import save_weights
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_model(demo_data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "tiny.safetensors"
+    model = tiny_model(dim=128, n_layers=4, vocab_size=1000, max_seq_len=256)
+    save_weights(path, model.state_dict(), model.config)
+    return path
+
+
+def start_server(ckpt, tokenizer, *extra):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "my_openai_api.py", "--ckpt", str(ckpt), "--tokenizer", str(tokenizer),
+                             "--device", "cpu", "--port", str(port), *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(served_model, demo_data):
+    proc, url = start_server(served_model, demo_data / "tokenizer", "--context_length", "256")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def client(url, key="none"):
+    return OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+def test_models_and_health(server):
+    assert [m.id for m in client(server).models.list().data] == ["minimind"]
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+
+
+def test_chat_completion_through_the_openai_client(server):
+    reply = client(server).chat.completions.create(
+        model="minimind", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=12, temperature=0, seed=1)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 0 and 0 < reply.usage.completion_tokens <= 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert reply.usage.completion_tokens == 12
+
+
+def test_streaming_matches_the_whole_reply(server):
+    c = client(server)
+    kwargs = dict(model="minimind", messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=20,
+                  temperature=0)
+    whole = c.chat.completions.create(**kwargs)
+    chunks = list(c.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    raw = httpx.post(server + "/v1/chat/completions", json={**kwargs, "stream": True}).text
+    assert raw.rstrip().endswith("data: [DONE]") and raw.startswith("data: {")
+
+
+def test_sampling_with_a_seed_is_repeatable_and_stop_strings_cut(server):
+    c = client(server)
+    kw = dict(model="minimind", messages=[{"role": "user", "content": "Say something"}], max_tokens=16,
+              temperature=1.0, top_p=0.9)
+    a = c.chat.completions.create(**kw, seed=7).choices[0].message.content
+    b = c.chat.completions.create(**kw, seed=7).choices[0].message.content
+    assert a == b
+    greedy = c.chat.completions.create(**{**kw, "temperature": 0}).choices[0].message.content
+    assert len(greedy) > 4
+    stop = greedy[2:4]
+    cut = c.chat.completions.create(**{**kw, "temperature": 0}, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == greedy[:greedy.index(stop)]
+
+
+BAD_REQUESTS = [
+    ("not json", b"{'messages': oops", None),
+    ("empty messages", {"model": "m", "messages": []}, "messages"),
+    ("messages not a list", {"model": "m", "messages": "hello"}, "messages"),
+    ("content not a string", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ("negative max_tokens", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, "max_tokens"),
+    ("oversized max_tokens", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, "max_tokens"),
+    ("prompt too long", {"messages": [{"role": "user", "content": "capital " * 400}]}, "messages"),
+    ("temperature out of range", {"messages": [{"role": "user", "content": "hi"}], "temperature": 7},
+     "temperature"),
+    ("n > 1", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+    ("max_tokens wrong type", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("name,body,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, name, body, param):
+    if isinstance(body, bytes):
+        r = httpx.post(server + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        r = httpx.post(server + "/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param:
+        assert error["param"] == param
+    if name == "prompt too long":
+        assert error["code"] == "context_length_exceeded"
+
+
+def test_unknown_path_is_a_404_with_an_error_body(server):
+    r = httpx.get(server + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_16_concurrent_streams_equal_the_same_requests_one_by_one(server):
+    c = client(server)
+    questions = [f"Question number {i}: " + "what is the capital? " * (i % 5) for i in range(16)]
+
+    def stream(q):
+        chunks = c.chat.completions.create(model="minimind", messages=[{"role": "user", "content": q}],
+                                           max_tokens=24, temperature=0, stream=True)
+        return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+    alone = [stream(q) for q in questions]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(stream, questions))
+    assert together == alone
+    assert len(set(alone)) > 1
+    assert httpx.get(server + "/health").json()["worker_alive"]
+    assert client(server).chat.completions.create(
+        model="minimind", messages=[{"role": "user", "content": "still there?"}], max_tokens=4).choices
+
+
+def test_a_disconnected_client_stops_its_generation(server):
+    body = {"messages": [{"role": "user", "content": "go on forever"}], "max_tokens": 230, "temperature": 0,
+            "stream": True}
+    before = httpx.get(server + "/health").json()
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 4:
+                break
+    start = time.time()
+    while httpx.get(server + "/health").json()["active_requests"] > 0:
+        assert time.time() - start < 20, "the abandoned generation kept running"
+        time.sleep(0.05)
+    stats = httpx.get(server + "/health").json()
+    assert stats["cancelled_requests"] == before["cancelled_requests"] + 1
+    assert stats["tokens_of_cancelled_requests"] - before["tokens_of_cancelled_requests"] < 150
+
+
+def test_api_key_is_enforced(served_model, demo_data):
+    proc, url = start_server(served_model, demo_data / "tokenizer", "--api-key", "s3cret")
+    try:
+        r = httpx.get(url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        assert [m.id for m in client(url, "s3cret").models.list().data] == ["minimind"]
+        assert httpx.get(url + "/health").status_code == 200  # health checks need no key
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_server_binds_loopback_by_default():
+    from conftest import load_script
+
+    args = load_script("my_openai_api.py").build_parser().parse_args([])
+    assert args.host == "127.0.0.1" and args.api_key is None
