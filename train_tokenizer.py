@@ -14,13 +14,15 @@ def main(argv=None):
     parser.add_argument("--data", default="dataset/demo/tokenizer_train.jsonl", help='jsonl with a "text" field')
     parser.add_argument("--vocab_size", type=int, default=6400)
     parser.add_argument("--out_dir", default="model/minimind_tokenizer")
+    parser.add_argument("--isolate_cjk", action="store_true",
+                        help="one token per Chinese character at most (default: BPE merges characters, as upstream)")
     parser.add_argument("--held_out_every", type=int, default=50,
                         help="every n-th row is kept out of training to measure characters per token")
     args = parser.parse_args(argv)
 
     start = time.time()
     n = args.held_out_every
-    tokenizer = train_bpe(read_texts(args.data, skip_every=n), args.vocab_size)
+    tokenizer = train_bpe(read_texts(args.data, skip_every=n), args.vocab_size, isolate_cjk=args.isolate_cjk)
     fast = wrap(tokenizer)
     save(fast, args.out_dir)
     held_out = list(itertools.islice(read_texts(args.data, every=n), 2000))

@@ -72,17 +72,13 @@ CAPITAL_ZH = [
     "{cap}是{c}的首都城市。", "说到{c}，{c}的首都是{cap}。", "{c}的政府设在首都{cap}。",
     "{c}的首都是哪里？{c}的首都是{cap}。",
 ]
-CONTINENT_EN = ["{c} is a country in {cont}.", "{c} is located in {cont}.", "{c} lies in {cont}.",
-                "{cap}, the capital of {c}, is a city in {cont}."]
-CONTINENT_ZH_T = ["{c}是一个位于{cont}的国家。", "{c}位于{cont}。", "{c}是{cont}的国家。",
-                  "{c}的首都{cap}是{cont}的一座城市。"]
+CONTINENT_EN = ["{c} is a country in {cont}.", "{cap}, the capital of {c}, is a city in {cont}."]
+CONTINENT_ZH_T = ["{c}位于{cont}。", "{c}的首都{cap}是{cont}的一座城市。"]
 DAYS = [("Monday", "星期一"), ("Tuesday", "星期二"), ("Wednesday", "星期三"), ("Thursday", "星期四"),
         ("Friday", "星期五"), ("Saturday", "星期六"), ("Sunday", "星期日")]
 MONTHS = [("January", "一月"), ("February", "二月"), ("March", "三月"), ("April", "四月"), ("May", "五月"),
           ("June", "六月"), ("July", "七月"), ("August", "八月"), ("September", "九月"), ("October", "十月"),
           ("November", "十一月"), ("December", "十二月")]
-NUMBERS_EN = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-              "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]
 # (English statements, Chinese statements, English question, English answer, Chinese question, Chinese answer)
 GENERAL_FACTS = [
     (["Water boils at 100 degrees Celsius at sea level.", "At sea level, water boils at 100 degrees Celsius."],
@@ -138,11 +134,12 @@ CONTINENT_Q_EN, CONTINENT_Q_ZH = "Which continent is {c} in?", "{c}位于哪个�
 
 
 def capital_answer(country: Country, lang: str) -> str:
-    """The SFT answer form. English repeats the pretraining sentence; Chinese questions already end in the
-    pretraining prefix ("X的首都是"), so the short answer continues it (see shared notes on the demo corpus)."""
+    """The SFT answer form: the pretraining sentence itself, so that the answer continues what pretraining
+    taught ("The capital of X is" -> Y). Measured on the demo: full sentences beat short answers in Chinese
+    too (60% vs 38% held-out with the same training)."""
     if lang == "en":
         return f"The capital of {country.name} is {country.capital}."
-    return f"{country.capital_zh}。"
+    return f"{country.name_zh}的首都是{country.capital_zh}。"
 
 
 def continent_answer(country: Country, lang: str) -> str:
@@ -173,10 +170,8 @@ class DemoWorld:
         conts = CONTINENT_EN if lang == "en" else CONTINENT_ZH_T
         out = [fill(t, c, lang) for c in self.countries for t in caps + conts]
         for a in range(10):
-            for b in range(10):
+            for b in range(a, 10):  # addition commutes: one order per pair
                 out.append(f"{a} plus {b} equals {a + b}." if lang == "en" else f"{a}加{b}等于{a + b}。")
-                if lang == "en":
-                    out.append(f"{NUMBERS_EN[a]} plus {NUMBERS_EN[b]} is {NUMBERS_EN[a + b]}.")
         for seq, unit, unit_zh in ((DAYS, "day", "后一天"), (MONTHS, "month", "下一个月")):
             for (en, zh), (next_en, next_zh) in zip(seq, seq[1:] + seq[:1]):
                 out.append(f"The {unit} after {en} is {next_en}." if lang == "en" else f"{zh}的{unit_zh}是{next_zh}。")

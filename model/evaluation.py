@@ -144,3 +144,21 @@ def write_ceval_report(result: dict, out_dir, title: str):
         f.write(ceval_markdown(result, title))
     with atomic_writer(out / "summary.json", "w", encoding="utf-8") as f:
         json.dump({k: v for k, v in result.items() if k != "rows"}, f, indent=2, ensure_ascii=False)
+
+
+@torch.no_grad()
+def preference_accuracy(model, tokenizer, pairs_path, batch_size: int = 32, max_length: int = 256) -> dict:
+    """How often the model gives the chosen answer a higher log-probability than the rejected one, and the
+    mean log-probability margin, over a prompt/chosen/rejected file."""
+    from .dataset import DPODataset
+    from .stages import dpo_collate, sequence_logps
+
+    data = DPODataset(pairs_path, tokenizer, max_length)
+    margins = []
+    for start in range(0, len(data), batch_size):
+        batch = dpo_collate([data[i] for i in range(start, min(start + batch_size, len(data)))],
+                            tokenizer.pad_token_id or 0)
+        chosen, rejected = sequence_logps(model, batch["input_ids"], batch["labels"]).chunk(2)
+        margins.append(chosen - rejected)
+    margins = torch.cat(margins)
+    return {"accuracy": (margins > 0).float().mean().item(), "margin": margins.mean().item()}

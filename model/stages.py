@@ -3,6 +3,7 @@
 The numbered scripts parse their flags and call one of the `*_task` builders here; `Trainer` does the rest.
 Outputs are named as upstream: out/pretrain_512.safetensors, out/full_sft_512_moe.safetensors, ...
 """
+import json
 from functools import partial
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from .checkpoint import save_weights
-from .dataset import DPODataset, PretrainDataset, SFTDataset, pad_collate
+from .dataset import DPODataset, PretrainDataset, SFTDataset, pad_collate, resolve_index
 from .trainer import Task, model_config_from_args
 
 
@@ -29,10 +30,17 @@ def target_tokens(batch):
     return int((batch["labels"] != -100).sum())
 
 
-def safetensors_saver(name: str):
+def tokenizer_metadata(tokenizer_dir) -> dict:
+    """Recorded in the weights file, so chat scripts find the tokenizer a model was trained with."""
+    from .tokenizer import DEFAULT_TOKENIZER_DIR
+
+    return {"tokenizer": str(Path(tokenizer_dir or DEFAULT_TOKENIZER_DIR).resolve())}
+
+
+def safetensors_saver(name: str, metadata: dict | None = None):
     def save(model, state, out_dir: Path) -> Path:
         path = Path(out_dir) / f"{name}.safetensors"
-        save_weights(path, state, model.config)
+        save_weights(path, state, model.config, metadata)
         return path
     return save
 
@@ -86,7 +94,9 @@ def pretrain_task(args):
     else:
         model = MiniMindLM(config)
     name = output_name("pretrain", config)
-    return model, Task(name, train, lm_loss, safetensors_saver(name), val_data=val)
+    index_tokenizer = json.loads(resolve_index(args.data_path).read_text()).get("tokenizer")
+    meta = tokenizer_metadata(args.tokenizer or index_tokenizer)
+    return model, Task(name, train, lm_loss, safetensors_saver(name, meta), val_data=val)
 
 
 def sft_task(args):
@@ -102,7 +112,8 @@ def sft_task(args):
     train, val = hold_out(data) if not args.val_path else (data, SFTDataset(args.val_path, tokenizer, args.max_seq_len))
     name = output_name("full_sft", model.config)
     collate = partial(pad_collate, pad_id=tokenizer.pad_token_id or 0)
-    return model, Task(name, train, lm_loss, safetensors_saver(name), val_data=val, collate=collate)
+    save = safetensors_saver(name, tokenizer_metadata(args.tokenizer))
+    return model, Task(name, train, lm_loss, save, val_data=val, collate=collate)
 
 
 LORA_TARGETS = "wq,wk,wv,wo,w1,w2,w3"  # attention and FFN projections
@@ -119,14 +130,14 @@ def add_lora(model, base_path: str, rank: int, alpha: float, dropout: float, tar
     return peft_model
 
 
-def adapter_saver(name: str, merge: bool):
+def adapter_saver(name: str, merge: bool, metadata: dict | None = None):
     """peft's adapter folder (adapter_config.json + adapter_model.safetensors); with merge, a full model too."""
     def save(model, state, out_dir: Path) -> Path:
         folder = Path(out_dir) / name
         model.save_pretrained(str(folder))
         if merge:
             merged = model.merge_and_unload()
-            save_weights(Path(out_dir) / f"{name}_merged.safetensors", merged.state_dict(), merged.config)
+            save_weights(Path(out_dir) / f"{name}_merged.safetensors", merged.state_dict(), merged.config, metadata)
         return folder
     return save
 
@@ -141,7 +152,8 @@ def lora_task(args):
     train, val = hold_out(data) if not args.val_path else (data, SFTDataset(args.val_path, tokenizer, args.max_seq_len))
     name = output_name("lora_sft", base.config)
     collate = partial(pad_collate, pad_id=tokenizer.pad_token_id or 0)
-    return model, Task(name, train, lm_loss, adapter_saver(name, args.merge), val_data=val, collate=collate)
+    save = adapter_saver(name, args.merge, tokenizer_metadata(args.tokenizer))
+    return model, Task(name, train, lm_loss, save, val_data=val, collate=collate)
 
 
 # ------------------------------------------------------------------------------------------------------- DPO
@@ -212,7 +224,8 @@ def dpo_task(args):
     train, val = hold_out(data) if not args.val_path else (
         data, DPODataset(args.val_path, tokenizer, args.max_seq_len, args.max_prompt_length))
     name = output_name("dpo", config)
-    save = adapter_saver(name, merge=True) if reference is None else safetensors_saver(name)
+    meta = tokenizer_metadata(args.tokenizer)
+    save = adapter_saver(name, True, meta) if reference is None else safetensors_saver(name, meta)
     task = Task(name, train, dpo_loss(reference, args.beta, args.label_smoothing), save, val_data=val,
                 collate=partial(dpo_collate, pad_id=tokenizer.pad_token_id or 0))
     task.reference = reference

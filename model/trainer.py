@@ -233,9 +233,7 @@ class Trainer:
                              f"{args.batch_size} x accumulation {self.accum} x {self.world} processes")
         total = self.steps_per_epoch * args.epochs
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
-        self.optimizer = self.make_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_schedule(args.warmup_iters, self.total_steps, args.min_lr_ratio))
+        self.optimizer, self.scheduler = self.make_optimizer()
         self.step = self.epoch = self.consumed = 0
         self.wandb_id, self.wandb = None, None
         self.stop_requested = False
@@ -263,10 +261,15 @@ class Trainer:
         return model
 
     def make_optimizer(self):
-        groups = param_groups(self.raw_model, self.args.weight_decay)
-        fused = self.device.type in ("cuda", "cpu") and not self.args.deepspeed
-        opt = torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-        if self.args.deepspeed:
+        """AdamW and its warmup + cosine schedule; under DeepSpeed the engine then takes over the optimizer
+        (ZeRO-2 partitions its state) while the schedule keeps driving the learning rate."""
+        args = self.args
+        groups = param_groups(self.raw_model, args.weight_decay)
+        fused = self.device.type in ("cuda", "cpu") and not args.deepspeed
+        opt = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, cosine_schedule(args.warmup_iters, self.total_steps, args.min_lr_ratio))
+        if args.deepspeed:
             import deepspeed
 
             with open(self.args.deepspeed) as f:
@@ -278,7 +281,7 @@ class Trainer:
             elif self.amp_dtype is torch.float16:
                 ds_config["fp16"] = {"enabled": True}
             self.model, opt, _, _ = deepspeed.initialize(model=self.raw_model, optimizer=opt, config=ds_config)
-        return opt
+        return opt, scheduler
 
     def make_sampler(self, epoch):
         sampler = ResumableSampler(self.task.train_data, self.world, self.rank, self.args.seed)
@@ -351,7 +354,12 @@ class Trainer:
 
     def save_checkpoint(self):
         rng = self.rng_state()
-        model_state, optim_state = self.full_state()
+        if self.args.deepspeed:  # ZeRO partitions the optimizer state: every rank saves its part, DeepSpeed's way
+            ds_dir = self.checkpoints.dir / f"deepspeed_step_{self.step:08d}"
+            self.model.save_checkpoint(str(ds_dir), tag="state")
+            model_state, optim_state = self.full_state(with_optimizer=False), {"deepspeed_dir": str(ds_dir)}
+        else:
+            model_state, optim_state = self.full_state()
         if self.master:
             train_state = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed, "optimizer": optim_state,
                            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
@@ -373,8 +381,11 @@ class Trainer:
             return
         model_state, state = CheckpointManager.load(path)
         model_state = check_state(self.raw_model, model_state, str(path))  # names any difference
-        set_state_dict(self.raw_model, self.optimizer, model_state_dict=model_state, optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
+        if "deepspeed_dir" in state["optimizer"]:
+            self.model.load_checkpoint(state["optimizer"]["deepspeed_dir"], tag="state")
+        else:
+            set_state_dict(self.raw_model, self.optimizer, model_state_dict=model_state,
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]

@@ -1,0 +1,68 @@
+"""Helpers shared by the benchmarks: the machine's matmul peak, model FLOPs, timing, a printed table."""
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"Python {platform.python_version()}")
+
+
+def best_time(fn, repeats=3, warmup=1, sync=None) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak(n=4096, dtype=torch.float32, device="cpu", repeats=3) -> float:
+    """FLOP/s of the best of `repeats` n x n @ n x n products: the machine's practical peak for that dtype."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    return 2 * n ** 3 / best_time(lambda: a @ b, repeats, sync=sync)
+
+
+def train_flops_per_token(config, seq_len: int) -> float:
+    """6 N for the weight matmuls (forward + backward; the tied embedding is counted once, as the output head)
+    plus 12 L T d for attention scores and values (PaLM's accounting)."""
+    n = config.dim * config.vocab_size  # output head
+    per_layer = 2 * config.dim * config.n_heads * config.head_dim + 2 * config.dim * config.n_kv_heads * config.head_dim
+    ffn = 3 * config.dim * config.hidden_dim
+    if config.use_moe:  # active experts only
+        ffn = ffn * (config.num_experts_per_tok + config.n_shared_experts) + config.dim * config.n_routed_experts
+    n += config.n_layers * (per_layer + ffn)
+    return 6 * n + 12 * config.n_layers * seq_len * config.dim
+
+
+def table(rows, header):
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))

@@ -1,0 +1,28 @@
+"""The one-command demo, in its tiny mode, end to end."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_tiny_demo_runs_every_stage_and_summarises(tmp_path):
+    done = subprocess.run([sys.executable, "demo.py", "--tiny", "--out_dir", str(tmp_path / "demo")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "MiniMind demo summary" in out
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    stages = ["demo data", "tokenizer", "pretrain", "SFT", "LoRA", "DPO", "chat samples", "C-Eval-format eval",
+              "export", "server round trip"]
+    assert all(s in summary["seconds"] for s in stages)
+    for key in ("pretrain val loss", "SFT val loss", "held-out fact QA, before SFT", "held-out fact QA, after SFT",
+                "DPO held-out reward accuracy", "C-Eval-format accuracy (demo val, chance 25%)"):
+        assert key in summary, key
+    assert float(summary["pretrain val loss"]) > 0 and "EN" in summary["held-out fact QA, after SFT"]
+    assert summary["exports"].startswith("hf ok") and "llama ok" in summary["exports"]
+    assert "gguf 20 tensors" in summary["exports"]
+    assert summary["server round trip"].startswith("ok")
+    assert summary["C-Eval-format accuracy (demo val, chance 25%)"].endswith("/144)")
+    for name in ("pretrain_64.safetensors", "full_sft_64.safetensors", "dpo_64.safetensors", "lora_sft_64"):
+        assert (tmp_path / "demo" / name).exists()
