@@ -21,17 +21,26 @@ from model.LMConfig import preset_config
 from model.model import MiniMindLM
 
 
-def train_rate(model, batch, seq, steps, vocab) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+def train_rates(models: dict, batch, seq, rounds, vocab) -> dict:
+    """Best tokens/s of one optimizer step per model. The models take turns, round after round, so that a
+    noisy machine (shared memory bandwidth) slows them alike instead of whichever happened to run then."""
     ids = torch.randint(0, vocab, (batch, seq))
+    steps = {}
+    for name, model in models.items():
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        def step(model=model, opt=opt):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    return batch * seq / best_time(step, repeats=steps, warmup=1)
+        step()  # warm-up (and compilation)
+        steps[name] = step
+    best = {name: float("inf") for name in models}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            best[name] = min(best[name], best_time(step, repeats=1, warmup=0))
+    return {name: batch * seq / t for name, t in best.items()}
 
 
 def our_decode(model, prompts, new_tokens) -> tuple[float, list]:
@@ -74,7 +83,7 @@ def main():
     parser.add_argument("--preset", default="minimind-v1-small")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--train_steps", type=int, default=3)
+    parser.add_argument("--train_steps", type=int, default=3, help="interleaved timing rounds per model")
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--skip_compile", action="store_true")
     args = parser.parse_args()
@@ -93,18 +102,14 @@ def main():
     print(f"fp32 matmul peak (4096^2, best of 3): {peak / 1e9:.1f} GFLOP/s; {flops / 1e6:.0f} MFLOP per token")
 
     # ---------------------------------------------------------------------------------------------- training
-    rows = []
-    base = train_rate(copy.deepcopy(llama).train(), args.batch, args.seq, args.train_steps, config.vocab_size)
-    rows.append(("transformers Llama, eager (baseline)", f"{base:.0f}", "1.00", f"{base * flops / peak:.2f}"))
-    eager = train_rate(copy.deepcopy(ours).train(), args.batch, args.seq, args.train_steps, config.vocab_size)
-    rows.append(("ours, eager", f"{eager:.0f}", f"{eager / base:.2f}", f"{eager * flops / peak:.2f}"))
+    models = {"transformers Llama, eager (baseline)": copy.deepcopy(llama).train(),
+              "ours, eager": copy.deepcopy(ours).train()}
     if not args.skip_compile:
-        compiled = torch.compile(copy.deepcopy(ours).train())
-        t0 = time.time()
-        rate = train_rate(compiled, args.batch, args.seq, args.train_steps, config.vocab_size)
-        rows.append((f"ours, torch.compile (compiled in {time.time() - t0:.0f} s incl. steps)", f"{rate:.0f}",
-                     f"{rate / base:.2f}", f"{rate * flops / peak:.2f}"))
-    print(f"\ntraining, batch {args.batch} x {args.seq}, one AdamW step:")
+        models["ours, torch.compile"] = torch.compile(copy.deepcopy(ours).train())
+    rates = train_rates(models, args.batch, args.seq, args.train_steps, config.vocab_size)
+    base = rates["transformers Llama, eager (baseline)"]
+    rows = [(name, f"{rate:.0f}", f"{rate / base:.2f}", f"{rate * flops / peak:.2f}") for name, rate in rates.items()]
+    print(f"\ntraining, batch {args.batch} x {args.seq}, one AdamW step, best of {args.train_steps} interleaved rounds:")
     table(rows, ("model", "tokens/s", "vs Llama", "MFU"))
 
     # ---------------------------------------------------------------------------------------------- decoding

@@ -64,6 +64,10 @@ def save_weights(path, state: dict, config=None, metadata: dict | None = None):
         else:
             seen[key] = k
             kept[k] = v.detach().contiguous().cpu()
+    if getattr(config, "tie_word_embeddings", False) and "output.weight" in kept and "tok_embeddings.weight" in kept \
+            and torch.equal(kept["output.weight"], kept["tok_embeddings.weight"]):
+        del kept["output.weight"]  # gathered shards of a tied matrix arrive as two equal tensors
+        aliases["output.weight"] = "tok_embeddings.weight"
     state = kept
     meta = {"format": "pt", **(metadata or {})}
     if aliases:

@@ -63,14 +63,19 @@ class EntityFinder:
 # ------------------------------------------------------------------------------------------------ phrasings
 CAPITAL_EN = [
     "The capital of {c} is {cap}.", "{cap} is the capital of {c}.", "The capital city of {c} is {cap}.",
-    "{c}'s capital is {cap}.", "{cap} is the capital city of {c}.", "{c} has its capital in {cap}.",
+    "{c}'s capital is {cap}.", "{c} has its capital in {cap}.",
     "The government of {c} sits in {cap}, the capital of {c}.",
     "What is the capital of {c}? The capital of {c} is {cap}.",
+    "Which city is the capital of {c}? The capital of {c} is {cap}.",
 ]
+# Two of the eight phrasings are a question followed by an answer that restates its subject, as FAQ pages do.
+# That habit (restate "X" after a question about X) is what a chat answer needs. With one such phrasing,
+# held-out Chinese accuracy swung between 21% and 96% with the seed (the answer copied the wrong country);
+# with two it was 96-100% in both seeds tried (42 and 7), English 94%.
 CAPITAL_ZH = [
     "{c}的首都是{cap}。", "{cap}是{c}的首都。", "{c}的首都为{cap}。", "{c}这个国家的首都是{cap}。",
-    "{cap}是{c}的首都城市。", "说到{c}，{c}的首都是{cap}。", "{c}的政府设在首都{cap}。",
-    "{c}的首都是哪里？{c}的首都是{cap}。",
+    "{c}的政府设在首都{cap}。", "说到{c}，{c}的首都是{cap}。",
+    "{c}的首都是哪里？{c}的首都是{cap}。", "{c}的首都是哪座城市？{c}的首都是{cap}。",
 ]
 CONTINENT_EN = ["{c} is a country in {cont}.", "{cap}, the capital of {c}, is a city in {cont}."]
 CONTINENT_ZH_T = ["{c}位于{cont}。", "{c}的首都{cap}是{cont}的一座城市。"]
@@ -213,7 +218,11 @@ class DemoWorld:
         return pairs
 
     def sft_rows(self, rng: random.Random, multi_turn_fraction: float = 0.2):
-        """Rows in the deepctrl format: id, instruction, input, output, history [[q, a], ...]."""
+        """Rows in the deepctrl format: id, instruction, input, output, history [[q, a], ...].
+
+        (Multiple-choice rows answered with a letter were tried and dropped: the demo model learned a letter
+        prior, not the matching, and C-Eval-format accuracy fell from 25% to 18%.)
+        """
         pairs = self.qa_pairs(self.train, rng)
         rng.shuffle(pairs)
         rows = []

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .generate import SamplingParams, generate_text
+from .prompts import CHOICES, ceval_question
 
 
 def chat_prompt(tokenizer, question: str, history=(), system: str | None = None) -> list[int]:
@@ -46,9 +47,6 @@ def read_jsonl_rows(path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------ C-Eval
-CHOICES = "ABCD"
-
-
 def read_ceval_split(data_dir, split: str) -> dict[str, list[dict]]:
     """{subject: rows} from <data_dir>/<split>/<subject>_<split>.csv (columns id,question,A,B,C,D,answer)."""
     folder = Path(data_dir) / split
@@ -64,11 +62,6 @@ def read_ceval_split(data_dir, split: str) -> dict[str, list[dict]]:
             raise ValueError(f"{f} lacks columns {sorted(missing)}")
         subjects[f.name[: -len(f"_{split}.csv")]] = rows
     return subjects
-
-
-def ceval_question(row: dict) -> str:
-    options = "\n".join(f"{c}. {row[c]}" for c in CHOICES)
-    return f"{row['question']}\n{options}\n答案："
 
 
 def ceval_prompt(tokenizer, row: dict, shots: list[dict], template: str) -> list[int]:

@@ -73,9 +73,18 @@ def init_weights_from(args, default_stage: str, config_hint):
 
 
 # --------------------------------------------------------------------------------------------------- stages
+def seed_everything(seed: int):
+    """Fresh weights (a new model, LoRA matrices) come out the same in every process and every run."""
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def pretrain_task(args):
     from .model import MiniMindLM
 
+    seed_everything(args.seed)
     config = model_config_from_args(args, max_seq_len=args.max_seq_len)
     train = PretrainDataset(args.data_path, args.max_seq_len, "train")
     if train.vocab_size and train.vocab_size > config.vocab_size:
@@ -85,7 +94,6 @@ def pretrain_task(args):
         val = PretrainDataset(args.val_path or args.data_path, args.max_seq_len, "val")
     except ValueError:
         val = None
-    torch.manual_seed(args.seed)  # identical initial weights on every rank and every resume
     if args.init_from:
         from .loading import load_model
 
@@ -100,6 +108,7 @@ def pretrain_task(args):
 
 
 def sft_task(args):
+    seed_everything(args.seed)
     hint = model_config_from_args(args, max_seq_len=args.max_seq_len)
     model, source = init_weights_from(args, "pretrain", hint)
     print(f"initial weights: {source}")
@@ -145,6 +154,7 @@ def adapter_saver(name: str, merge: bool, metadata: dict | None = None):
 def lora_task(args):
     from .loading import load_model
 
+    seed_everything(args.seed)
     base = load_model(args.ckpt).train()
     model = add_lora(base, args.ckpt, args.lora_rank, args.lora_alpha, args.lora_dropout, args.target_modules)
     tokenizer = load_tokenizer_for(args)
@@ -213,6 +223,7 @@ def dpo_task(args):
 
     from .loading import load_model
 
+    seed_everything(args.seed)
     model = load_model(args.ckpt).train()
     config = model.config
     if args.lora_rank > 0:

@@ -74,16 +74,22 @@ def test_dpo_objective_matches_the_formula():
 
 
 def held_out_pairs(path, demo_data):
-    """New pairs about the training countries: other question phrasings and other wrong answers."""
+    """The training pairs asked in another phrasing: prompts the DPO run never saw."""
     import json
-    import random as _random
+    import re
 
-    from model.demo_corpus import DemoWorld
+    from model.demo_corpus import QUESTION_EN, QUESTION_ZH
 
-    world = DemoWorld(seed=7)
+    rows = []
+    for line in open(demo_data / "data" / "dpo_data.jsonl", encoding="utf-8"):
+        row = json.loads(line)
+        en = re.fullmatch(r"The capital of (.+) is .+\.", row["chosen"])
+        country = en.group(1) if en else row["chosen"].split("的首都是")[0]
+        templates = QUESTION_EN if en else QUESTION_ZH
+        unseen = [t.format(c=country) for t in templates if t.format(c=country) != row["prompt"]]
+        rows.append({**row, "prompt": unseen[len(rows) % len(unseen)]})
     with open(path, "w", encoding="utf-8") as f:
-        for row in world.dpo_rows(world.train, _random.Random(12345)):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return path
 
 
@@ -103,12 +109,13 @@ def test_dpo_raises_the_held_out_margin_and_reports_reward_accuracy(demo_data, t
     from model.tokenizer import load_tokenizer
 
     pairs = held_out_pairs(tmp_path / "held_out_pairs.jsonl", demo_data)
-    result = load_script("5-dpo_train.py").main(dpo_flags(demo_data, tiny_sft, tmp_path, "--max_steps", "40",
-                                                          "--save_interval", "0", "--val_path", str(pairs)))
+    result = load_script("5-dpo_train.py").main(dpo_flags(demo_data, tiny_sft, tmp_path, "--max_steps", "60",
+                                                          "--epochs", "2", "--save_interval", "0",
+                                                          "--val_path", str(pairs)))
     tok = load_tokenizer(demo_data / "tokenizer")
     before, acc_before = mean_margin(tiny_sft, pairs, tok)
     after, acc_after = mean_margin(result["output"], pairs, tok)
-    assert after > before + 0.5, (before, after)
+    assert after > before + 0.5, (before, after)  # nats, averaged over the pairs
     assert acc_after > acc_before
     import json
 
@@ -135,4 +142,6 @@ def test_alignment_stages_resume_exactly_after_kill_9(demo_data, tiny_sft, tmp_p
     proc.wait()
     module.main(flags(demo_data, tiny_sft, tmp_path / "killed", *common, "--resume", "auto"))
     a, b = load_file(str(tmp_path / "straight" / output)), load_file(str(tmp_path / "killed" / output))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, (k, differ[:5])

@@ -254,3 +254,45 @@ def test_sft_and_dpo_datasets(demo_data):
     pair = dpo[0]
     prompt_len = int((pair["chosen_labels"] == -100).sum())
     assert torch.equal(pair["chosen_input_ids"][:prompt_len], pair["rejected_input_ids"][:prompt_len])
+
+
+def test_stop_strings_and_max_new_tokens(demo_data):
+    """Text-level generation: stop strings cut the text (never streamed past), max_new_tokens counts new tokens."""
+    from conftest import tiny_model
+    from model.generate import SamplingParams, generate_text, stream_text
+
+    tok = load_tokenizer(demo_data / "tokenizer")
+    model = tiny_model(vocab_size=1000)
+    prompt = tok.encode("The capital of", add_special_tokens=False)
+    free = generate_text(model, tok, [prompt], SamplingParams(max_new_tokens=20))[0]
+    assert free["finish_reason"] == "length" and free["completion_tokens"] == 20
+    text = free["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    streamed = ""
+    for deltas in stream_text(model, tok, [prompt], SamplingParams(max_new_tokens=20, stop=[stop])):
+        for d in deltas:
+            streamed += d.text
+            assert stop not in streamed
+            finish = d.finish_reason
+    assert finish == "stop" and streamed == text[: text.index(stop)]
+    short = generate_text(model, tok, [prompt, prompt[:1]], SamplingParams(max_new_tokens=3))
+    assert [r["completion_tokens"] for r in short] == [3, 3]
+
+
+def test_ranks_and_workers_see_disjoint_parts(demo_data):
+    from torch.utils.data import DataLoader
+
+    from model.trainer import ResumableSampler
+
+    data = PretrainDataset(demo_data / "tokens", 64)
+    seen = []
+    for rank in range(2):
+        sampler = ResumableSampler(data, 2, rank, seed=3)
+        sampler.set_epoch(1)
+        seen.append(list(sampler))
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1]) == len(data) // 2
+    def windows(workers):
+        loader = DataLoader(data, batch_size=4, sampler=ResumableSampler(data, 1, 0, seed=3), num_workers=workers)
+        return [row.tolist() for batch in loader for row in batch["input_ids"]]
+
+    assert windows(2) == windows(0)  # two workers split the batches: nothing repeated, nothing lost

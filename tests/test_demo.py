@@ -17,7 +17,8 @@ def test_tiny_demo_runs_every_stage_and_summarises(tmp_path):
               "export", "server round trip"]
     assert all(s in summary["seconds"] for s in stages)
     for key in ("pretrain val loss", "SFT val loss", "held-out fact QA, before SFT", "held-out fact QA, after SFT",
-                "DPO held-out reward accuracy", "C-Eval-format accuracy (demo val, chance 25%)"):
+                "DPO held-out reward accuracy (0% at the start)", "DPO held-out log-prob margin chosen-rejected",
+                "C-Eval-format accuracy (demo val, chance 25%)"):
         assert key in summary, key
     assert float(summary["pretrain val loss"]) > 0 and "EN" in summary["held-out fact QA, after SFT"]
     assert summary["exports"].startswith("hf ok") and "llama ok" in summary["exports"]

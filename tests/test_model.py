@@ -178,3 +178,72 @@ def test_peft_lora_wraps_and_trains_a_step(model):
     opt.step()
     after = peft_model(input_ids=ids, labels=ids).loss
     assert after.item() < before.item()
+
+
+def test_rotary_equals_upstream_complex_form():
+    """Upstream MiniMind multiplies adjacent pairs, viewed as complex numbers, by e^(i * pos * theta_k)."""
+    from model.model import apply_rotary, rope_inv_freq
+
+    cfg = tiny_config()
+    x = torch.randn(2, 10, 4, cfg.head_dim)
+    inv_freq, _ = rope_inv_freq(cfg)
+    angles = torch.outer(torch.arange(10).float(), inv_freq)  # (T, D/2)
+    expected = torch.view_as_real(torch.view_as_complex(x.reshape(2, 10, 4, -1, 2))
+                                  * torch.polar(torch.ones_like(angles), angles)[None, :, None]).flatten(-2)
+    got = apply_rotary(x, angles.cos()[None, :, None], angles.sin()[None, :, None])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_upstream_pth_state_dict_loads_and_mismatches_are_named(tmp_path):
+    from model.checkpoint import CheckpointMismatch
+    from model.loading import load_model
+
+    model = tiny_model(use_moe=True)
+    # Upstream saved the raw state dict (sometimes from a DDP or compiled wrapper) with its rope buffer.
+    state = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    state["module._orig_mod.pos_cis"] = torch.zeros(64, 8, dtype=torch.complex64)
+    torch.save(state, tmp_path / "full_sft_64_moe.pth")
+    config = tiny_config(use_moe=True)
+    loaded = load_model(tmp_path / "full_sft_64_moe.pth", config=config)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    inferred = load_model(tmp_path / "full_sft_64_moe.pth", config=None)  # dims read from the shapes (16 heads)
+    assert (inferred.config.dim, inferred.config.n_layers, inferred.config.n_routed_experts) == (64, 2, 4)
+    del state["module._orig_mod.layers.1.ffn_norm.weight"]
+    state["module._orig_mod.layers.0.attention.wq.weight"] = torch.zeros(32, 64)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointMismatch) as err:
+        load_model(tmp_path / "broken.pth", config=config)
+    message = str(err.value)
+    assert "missing keys (1): layers.1.ffn_norm.weight" in message
+    assert "shape of layers.0.attention.wq.weight: model (64, 64), checkpoint (32, 64)" in message
+
+
+def test_each_generation_call_owns_its_cache(model):
+    """Two generations interleaved step by step give what each gives alone."""
+    a, b = torch.randint(3, 128, (7,)).tolist(), torch.randint(3, 128, (11,)).tolist()
+    params = SamplingParams(max_new_tokens=16)
+    alone_a = [int(t) for t in generate_ids(model, [a], params, eos_token_id=-1)]
+    alone_b = [int(t) for t in generate_ids(model, [b], params, eos_token_id=-1)]
+    ga, gb = generate_ids(model, [a], params, eos_token_id=-1), generate_ids(model, [b], params, eos_token_id=-1)
+    together_a, together_b = [], []
+    for ta, tb in zip(ga, gb):
+        together_a.append(int(ta))
+        together_b.append(int(tb))
+    assert together_a == alone_a and together_b == alone_b
+
+
+def test_sampling_is_seeded_per_row_and_repetition_penalty_respects_sign(model):
+    from model.generate import apply_repetition_penalty
+
+    prompt = torch.randint(3, 128, (6,)).tolist()
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=20, seed=11)
+    first = [int(t) for t in generate_ids(model, [prompt], params, eos_token_id=-1)]
+    # The same seeded request inside a batch with another prompt samples the same tokens.
+    other = SamplingParams(max_new_tokens=12, temperature=1.0, seed=99)
+    batched = torch.stack(list(generate_ids(model, [prompt, prompt[:3]], [params, other], eos_token_id=-1)))
+    assert batched[:, 0].tolist() == first
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    penalised = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), torch.tensor([[2.0]]))
+    assert penalised.tolist() == [[1.0, -4.0, 1.0]]  # both seen tokens became less likely
