@@ -8,6 +8,7 @@ import sys
 
 from model.chat import add_inference_args, load_for_inference, sampling_from_args, stream_to
 from model.evaluation import chat_prompt
+from model.io import read_questions
 
 # The seed README's sample questions, and a few from the demo world.
 QUESTIONS = ["你知道长江吗？", "Which country launched the first artificial satellite?", "你知道泰山在哪里吗？",
@@ -40,16 +41,8 @@ def main(argv=None):
             answer(q)
         return
     print("Chat with MiniMind ('exit' or Ctrl-D to leave).")
-    while True:
-        try:
-            question = input("👶: ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            break
-        if question.lower() in ("exit", "quit"):
-            break
-        if question:
-            answer(question)
+    for question in read_questions():
+        answer(question)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import sys
 
 from openai import OpenAI, OpenAIError
 
+from model.io import read_questions
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,16 +54,8 @@ def main(argv=None):
                 ask(q)
             return
         print(f"chatting with '{model}' at {args.base_url} ('exit' or Ctrl-D to leave)")
-        while True:
-            try:
-                question = input("👶: ").strip()
-            except (EOFError, KeyboardInterrupt):
-                print()
-                return
-            if question.lower() in ("exit", "quit"):
-                return
-            if question:
-                ask(question)
+        for question in read_questions():
+            ask(question)
     except OpenAIError as e:
         sys.exit(f"request failed: {e}")
 

@@ -27,7 +27,7 @@ def main(argv=None):
     pre.add_argument("--out_dir", required=True)
     pre.add_argument("--tokenizer", default=None, help="tokenizer folder (default model/minimind_tokenizer)")
     pre.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
-    pre.add_argument("--val_every", type=int, default=100, help="every n-th document goes to the validation shard")
+    pre.add_argument("--val_every", type=int, default=100, help="one document in N goes to the validation shard (chosen by a hash of its text)")
     pre.add_argument("--min_chars", type=int, default=1)
     pre.add_argument("--max_chars", type=int, default=0, help="drop documents longer than this (0: keep all)")
     pre.add_argument("--shard_tokens", type=int, default=500_000_000)

@@ -39,8 +39,11 @@ def llama_config(config: LMConfig, **extra) -> LlamaConfig:
         **extra)
 
 
-def _layer_key_pairs(n_layers: int):
-    """(ours, llama) names of every per-layer weight."""
+def _key_pairs(n_layers: int):
+    """(ours, llama) names of every weight."""
+    yield "tok_embeddings.weight", "model.embed_tokens.weight"
+    yield "norm.weight", "model.norm.weight"
+    yield "output.weight", "lm_head.weight"
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
              "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
              "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
@@ -51,30 +54,27 @@ def _layer_key_pairs(n_layers: int):
             yield f"layers.{i}.{ours}.weight", f"model.layers.{i}.{theirs}.weight"
 
 
-def to_llama_state_dict(state: dict, config: LMConfig) -> dict:
-    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
-           "lm_head.weight": state["output.weight"]}
-    for ours, theirs in _layer_key_pairs(config.n_layers):
-        w = state[ours]
-        if ours.endswith("attention.wq.weight"):
-            w = interleaved_to_half(w, config.n_heads)
-        elif ours.endswith("attention.wk.weight"):
-            w = interleaved_to_half(w, config.n_kv_heads)
-        out[theirs] = w.contiguous()
+def _translate(state: dict, config: LMConfig, to_llama: bool) -> dict:
+    out = {}
+    for ours, theirs in _key_pairs(config.n_layers):
+        src, dst = (ours, theirs) if to_llama else (theirs, ours)
+        if src == "lm_head.weight" and src not in state:  # tied: saved once, as the embeddings
+            src = "model.embed_tokens.weight"
+        w = state[src]
+        heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}.get(
+            ours.split(".", 2)[-1])
+        if heads:
+            w = (interleaved_to_half if to_llama else half_to_interleaved)(w, heads)
+        out[dst] = w.contiguous()
     return out
+
+
+def to_llama_state_dict(state: dict, config: LMConfig) -> dict:
+    return _translate(state, config, to_llama=True)
 
 
 def from_llama_state_dict(state: dict, config: LMConfig) -> dict:
-    out = {"tok_embeddings.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"],
-           "output.weight": state.get("lm_head.weight", state["model.embed_tokens.weight"])}
-    for ours, theirs in _layer_key_pairs(config.n_layers):
-        w = state[theirs]
-        if ours.endswith("attention.wq.weight"):
-            w = half_to_interleaved(w, config.n_heads)
-        elif ours.endswith("attention.wk.weight"):
-            w = half_to_interleaved(w, config.n_kv_heads)
-        out[ours] = w.contiguous()
-    return out
+    return _translate(state, config, to_llama=False)
 
 
 def config_from_llama(cfg: LlamaConfig) -> LMConfig:

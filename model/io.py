@@ -1,4 +1,4 @@
-"""File plumbing shared by every stage: atomic writes and tolerant, streaming JSON-lines reading."""
+"""Plumbing shared by every stage: atomic writes, tolerant streaming JSON-lines reading, terminal input."""
 import contextlib
 import json
 import os
@@ -36,11 +36,13 @@ class BadRows:
         if len(self.lines[reason]) < self.keep:
             self.lines[reason].append(line_no)
 
-    def merge(self, other: "BadRows"):
+    def merge(self, other: "BadRows", line_offset: int = 0):
+        """Add another report's counts; its line numbers are shifted by line_offset (a chunk's first line - 1)."""
         for reason, n in other.counts.items():
             self.counts[reason] += n
             self.lines.setdefault(reason, [])
-            self.lines[reason] = sorted(self.lines[reason] + other.lines[reason])[: self.keep]
+            shifted = [line + line_offset for line in other.lines[reason]]
+            self.lines[reason] = sorted(self.lines[reason] + shifted)[: self.keep]
 
     @property
     def total(self) -> int:
@@ -135,3 +137,17 @@ def read_jsonl(path, normalize: Callable[[dict], object] = lambda o: o, bad: Bad
         record = parse_line(raw, line_no, bad, normalize)
         if record is not None:
             yield record
+
+
+def read_questions(prompt: str = "👶: ") -> Iterator[str]:
+    """Lines typed in the terminal until 'exit', 'quit', Ctrl-D or Ctrl-C; blank lines are skipped."""
+    while True:
+        try:
+            line = input(prompt).strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.lower() in ("exit", "quit"):
+            return
+        if line:
+            yield line

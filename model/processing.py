@@ -8,6 +8,7 @@ import json
 import os
 import re
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -184,7 +185,9 @@ def encode_chunk(lines, tokenizer_file, eos_id, val_every, min_chars, max_chars,
         if len(text) < min_chars or (max_chars and len(text) > max_chars):
             filtered += 1
             continue
-        is_val = bool(val_every) and line_no % val_every == 0
+        # Chosen by content, not position: any chunking picks the same documents, and exact duplicates of a
+        # validation document never leak into training.
+        is_val = bool(val_every) and zlib.crc32(raw) % val_every == 0
         for piece in split_long(text, piece_chars):
             pieces.append(piece)
             owner.append((docs, is_val))
@@ -230,17 +233,28 @@ class ShardWriter:
         return self.shards
 
 
-def read_chunks(path, chunk_bytes: int):
-    """Lists of (line number, raw line) of about chunk_bytes each."""
-    chunk, size = [], 0
-    for line_no, raw in iter_json_records(path):
-        chunk.append((line_no, raw))
-        size += len(raw)
-        if size >= chunk_bytes:
-            yield chunk, size
-            chunk, size = [], 0
-    if chunk:
-        yield chunk, size
+def byte_ranges(path, chunk_bytes: int):
+    """(start, end) byte offsets of consecutive chunks of about chunk_bytes, cut at line ends."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            f.seek(min(start + chunk_bytes, size))
+            f.readline()
+            end = f.tell()
+            yield start, end
+            start = end
+
+
+def encode_range(path, start, end, *args):
+    """A worker reads its own chunk of the file (the main process only writes), then encodes it.
+    Line numbers are counted from the chunk's start; the caller shifts them."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        lines = f.read(end - start).split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return (*encode_chunk(list(enumerate(lines, start=1)), *args), len(lines), end - start)
 
 
 def tokenize_pretrain(input_path, out_dir, tokenizer_dir, workers: int = 0, val_every: int = 100,
@@ -249,6 +263,9 @@ def tokenize_pretrain(input_path, out_dir, tokenizer_dir, workers: int = 0, val_
     """Tokenize a {"text"} jsonl into shards. Memory is bounded by (workers x 2) chunks in flight."""
     from tokenizers import Tokenizer
 
+    with open(input_path, "rb") as f:
+        if f.read(64).lstrip().startswith(b"["):
+            raise ValueError(f"{input_path} is one JSON array; pretraining text must be JSON lines (one object a line)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
@@ -263,11 +280,15 @@ def tokenize_pretrain(input_path, out_dir, tokenizer_dir, workers: int = 0, val_
     bar = progress(input_path, "pretrain")
     start = time.time()
 
-    def consume(result, nbytes):
-        train, val, chunk_bad, filtered, docs = result
+    lines_before = 0
+
+    def consume(result):
+        nonlocal lines_before
+        train, val, chunk_bad, filtered, docs, n_lines, nbytes = result
         writers[False].write(train)
         writers[True].write(val)
-        bad.merge(chunk_bad)
+        bad.merge(chunk_bad, line_offset=lines_before)
+        lines_before += n_lines
         totals["docs"] += docs
         totals["filtered"] += filtered
         totals["train_tokens"] += len(train)
@@ -275,21 +296,21 @@ def tokenize_pretrain(input_path, out_dir, tokenizer_dir, workers: int = 0, val_
         bar.update(nbytes)
         bar.set_postfix(docs=totals["docs"], bad=bad.total)
 
+    ranges = byte_ranges(input_path, chunk_bytes)
     if workers == 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker means one core
-        for chunk, nbytes in read_chunks(input_path, chunk_bytes):
-            consume(encode_chunk(chunk, *args), nbytes)
+        for start, end in ranges:
+            consume(encode_range(input_path, start, end, *args))
     else:
         with ProcessPoolExecutor(workers, initializer=os.environ.__setitem__,
                                  initargs=("TOKENIZERS_PARALLELISM", "false")) as pool:
             pending = []  # in order; bounded so a huge input never piles up in memory
-            for chunk, nbytes in read_chunks(input_path, chunk_bytes):
-                pending.append((pool.submit(encode_chunk, chunk, *args), nbytes))
+            for start, end in ranges:
+                pending.append(pool.submit(encode_range, input_path, start, end, *args))
                 if len(pending) >= 2 * workers:
-                    future, n = pending.pop(0)
-                    consume(future.result(), n)
-            for future, n in pending:
-                consume(future.result(), n)
+                    consume(pending.pop(0).result())
+            for future in pending:
+                consume(future.result())
     bar.close()
     if totals["docs"] == 0:
         raise ValueError(f"no valid documents in {input_path}; {bad.report()}")

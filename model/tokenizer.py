@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "minimind_tokenizer"
@@ -53,14 +52,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool 
     return tokenizer
 
 
-def wrap(tokenizer, model_max_length: int = 32768) -> PreTrainedTokenizerFast:
+def wrap(tokenizer, model_max_length: int = 32768):
+    """The trained tokenizer as transformers' PreTrainedTokenizerFast, with the chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<unk>", model_max_length=model_max_length, clean_up_tokenization_spaces=False)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def save(fast: PreTrainedTokenizerFast, out_dir) -> None:
+def save(fast, out_dir) -> None:
     """tokenizer.json + tokenizer_config.json (chat template inside, as upstream ships it), written atomically."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
@@ -71,7 +73,9 @@ def save(fast: PreTrainedTokenizerFast, out_dir) -> None:
     tmp.rmdir()
 
 
-def load_tokenizer(path=None) -> PreTrainedTokenizerFast:
+def load_tokenizer(path=None):
+    from transformers import AutoTokenizer
+
     path = Path(path) if path else DEFAULT_TOKENIZER_DIR
     if not (path / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer.json in {path}; train one with `python train_tokenizer.py` "

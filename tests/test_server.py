@@ -194,3 +194,14 @@ def test_server_binds_loopback_by_default():
 
     args = load_script("my_openai_api.py").build_parser().parse_args([])
     assert args.host == "127.0.0.1" and args.api_key is None
+
+
+def test_terminal_client_talks_to_the_server(server):
+    done = subprocess.run([sys.executable, "chat_openai_api.py", "--base_url", server + "/v1", "--prompt", "Hello",
+                           "--prompt", "And again", "--max_tokens", "6", "--temperature", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("👶: ") == 2 and done.stdout.count("🤖: ") == 2
+    down = subprocess.run([sys.executable, "chat_openai_api.py", "--base_url", "http://127.0.0.1:9/v1", "--prompt",
+                           "hi"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert down.returncode != 0 and "cannot reach" in down.stderr

@@ -227,3 +227,12 @@ def test_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path
     assert [p.name for p in saved] == ["step_00000003"]
     weights = load_file(str(saved[0] / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_wandb_logs_offline_without_an_api_key(demo_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    load_script("1-pretrain.py").main(pretrain_args(demo_data, tmp_path, "--max_steps", "3", "--save_interval", "0",
+                                                    "--use_wandb", "--wandb_project", "test"))
+    runs = list((tmp_path / "pretrain_64" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
