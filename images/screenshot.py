@@ -30,7 +30,7 @@ def main():
     env = {**os.environ, "MINIMIND_OUT_DIR": args.out_dir, "MINIMIND_CKPT": args.ckpt}
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "fast_inference.py", "--server.headless",
                                "true", "--server.port", str(port), "--server.address", "127.0.0.1",
-                               "--browser.gatherUsageStats", "false"], cwd=ROOT, env=env,
+                               "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with sync_playwright() as p:

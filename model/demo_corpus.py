@@ -210,11 +210,11 @@ class DemoWorld:
                     pairs.append((fill(t, c, lang), capital_answer(c, lang)))
                 q = CONTINENT_Q_EN if lang == "en" else CONTINENT_Q_ZH
                 pairs.append((fill(q, c, lang), continent_answer(c, lang)))
-        for _, _, qen, aen, qzh, azh in GENERAL_FACTS:
-            pairs += [(qen, aen), (qzh, azh)]
+        for _, _, qen, aen, qzh, azh in GENERAL_FACTS:  # few facts, so each is asked several times
+            pairs += [(qen, aen), (qzh, azh)] * 4
         for a, b in [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(40)]:
             pairs += [(f"What is {a} plus {b}?", f"{a} plus {b} equals {a + b}."), (f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。")]
-        pairs += IDENTITY * 3
+        pairs += IDENTITY * 10
         return pairs
 
     def sft_rows(self, rng: random.Random, multi_turn_fraction: float = 0.2):

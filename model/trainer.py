@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -413,7 +414,7 @@ class Trainer:
         import wandb
 
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        self.wandb_id = self.wandb_id or wandb.util.generate_id()
+        self.wandb_id = self.wandb_id or uuid.uuid4().hex[:8]  # kept in checkpoints: a resumed run continues it
         self.wandb = wandb.init(project=self.args.wandb_project, name=self.task.name, id=self.wandb_id,
                                 resume="allow", mode=mode, dir=str(self.run_dir), config=vars(self.args))
 

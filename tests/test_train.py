@@ -94,18 +94,24 @@ def test_damaged_newest_checkpoint_is_skipped(demo_data, tmp_path, capsys):
     assert result["step"] == 8
 
 
-def torchrun(args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + random.randint(0, 2000)), *args]
+def launch(args, launcher="torchrun", nproc=2):
+    port = str(29500 + random.randint(0, 2000))
+    if launcher == "deepspeed":  # on CPU it gives a gloo CPU accelerator; its first start builds a small op
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
+               *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
 def test_two_processes_match_one_with_the_same_global_batch(demo_data, tmp_path, strategy):
     flags = ["--max_steps", "4", "--save_interval", "0"]
-    torchrun(["1-pretrain.py", *pretrain_args(demo_data, tmp_path / "two", *flags, "--strategy", strategy)])
+    extra = ["--deepspeed", "ds_config.json"] if strategy == "deepspeed" else ["--strategy", strategy]
+    launch(["1-pretrain.py", *pretrain_args(demo_data, tmp_path / "two", *flags, *extra)],
+           "deepspeed" if strategy == "deepspeed" else "torchrun")
     args = pretrain_args(demo_data, tmp_path / "one", *flags)
     args[args.index("--batch_size") + 1] = "16"  # 2 processes x 8 = 16
     load_script("1-pretrain.py").main(args)
