@@ -278,7 +278,7 @@ def tokenize_pretrain(input_path, out_dir, tokenizer_dir, workers: int = 0, val_
     bad, totals = BadRows(), {"docs": 0, "filtered": 0, "train_tokens": 0, "val_tokens": 0}
     args = (str(tokenizer_file), eos_id, val_every, min_chars, max_chars, piece_chars)
     bar = progress(input_path, "pretrain")
-    start = time.time()
+    started = time.time()
 
     lines_before = 0
 
@@ -299,14 +299,14 @@ def tokenize_pretrain(input_path, out_dir, tokenizer_dir, workers: int = 0, val_
     ranges = byte_ranges(input_path, chunk_bytes)
     if workers == 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker means one core
-        for start, end in ranges:
-            consume(encode_range(input_path, start, end, *args))
+        for first, last in ranges:
+            consume(encode_range(input_path, first, last, *args))
     else:
         with ProcessPoolExecutor(workers, initializer=os.environ.__setitem__,
                                  initargs=("TOKENIZERS_PARALLELISM", "false")) as pool:
             pending = []  # in order; bounded so a huge input never piles up in memory
-            for start, end in ranges:
-                pending.append(pool.submit(encode_range, input_path, start, end, *args))
+            for first, last in ranges:
+                pending.append(pool.submit(encode_range, input_path, first, last, *args))
                 if len(pending) >= 2 * workers:
                     consume(pending.pop(0).result())
             for future in pending:
@@ -317,7 +317,7 @@ def tokenize_pretrain(input_path, out_dir, tokenizer_dir, workers: int = 0, val_
     index = {"format": "minimind-tokens-v1", "dtype": "uint16", "eos_id": eos_id, "vocab_size": tok.get_vocab_size(),
              "tokenizer": str(tokenizer_dir), "source": str(input_path), **totals,
              "train": writers[False].close(), "val": writers[True].close(),
-             "bad_rows": dict(bad.counts), "seconds": round(time.time() - start, 2)}
+             "bad_rows": dict(bad.counts), "seconds": round(time.time() - started, 2)}
     with atomic_writer(out_dir / "index.json", "w") as f:
         json.dump(index, f, indent=2, ensure_ascii=False)
     index["bad"] = bad
