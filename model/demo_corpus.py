@@ -132,6 +132,11 @@ GENERAL_FACTS = [
 ]
 IDENTITY = [("Who are you?", "I am MiniMind, a small language model trained from scratch."),
             ("你是谁？", "我是MiniMind，一个从零开始训练的小型语言模型。")]
+# Pretraining states who MiniMind is too: words that only SFT used stayed byte pieces with untrained
+# embeddings, and the SFT model answered "你是谁？" with broken characters as soon as it sampled.
+IDENTITY_EN = ["MiniMind is a small language model trained from scratch.",
+               "A small language model called MiniMind was trained from scratch."]
+IDENTITY_ZH = ["MiniMind是一个从零开始训练的小型语言模型。", "小型语言模型MiniMind是从零开始训练的。"]
 QUESTION_EN = ["What is the capital of {c}?", "What is the capital city of {c}?", "Which city is the capital of {c}?",
                "Tell me the capital of {c}.", "Do you know the capital of {c}?"]
 QUESTION_ZH = ["{c}的首都是哪里？", "{c}的首都是哪座城市？", "{c}的首都是什么？", "请告诉我{c}的首都。"]
@@ -182,6 +187,7 @@ class DemoWorld:
                 out.append(f"The {unit} after {en} is {next_en}." if lang == "en" else f"{zh}的{unit_zh}是{next_zh}。")
         for en_list, zh_list, *_ in GENERAL_FACTS:
             out.extend(en_list if lang == "en" else zh_list)
+        out.extend(IDENTITY_EN if lang == "en" else IDENTITY_ZH)
         return out
 
     def pretrain_documents(self, repeats: int, rng: random.Random):
