@@ -1,0 +1,65 @@
+"""Where one decode step's time goes, each part against the weight-streaming bound measured in the same run.
+
+    python bench/bench_decode_parts.py [--preset minimind-v1-small] [--steps 100]
+
+The bound is one matrix-vector product over all the weights (as in bench_model.py). Against it: a real
+decode step (batch 1, KV cache, last-token logits), the model's linear layers alone on one row, and the same
+products as torch.mv. The gap between the step and its linears is everything else (norms, RoPE, attention,
+cache writes, Python); the gap between linears and mv is the cost of many small GEMM calls.
+"""
+import argparse
+
+import torch
+from common import best_time, machine, table
+
+from model.generate import KVCache
+from model.LMConfig import preset_config
+from model.model import MiniMindLM
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="minimind-v1-small")
+    parser.add_argument("--steps", type=int, default=100, help="decode steps per timing")
+    parser.add_argument("--prompt", type=int, default=32)
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    torch.manual_seed(0)
+    model = MiniMindLM(preset_config(args.preset)).eval()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = {m: torch.randn(1, 1, m.in_features) for m in linears}
+    n_params = sum(p.numel() for p in model.parameters())
+    weights = torch.randn(n_params // model.config.dim, model.config.dim)
+    vector = torch.randn(model.config.dim)
+    cache = KVCache.for_model(model, 1, args.prompt + args.steps + 1)
+    token = torch.tensor([[5]])
+
+    def decode_steps():
+        cache.lengths = [args.prompt] * len(cache.lengths)  # rewind: every timing decodes the same positions
+        for p in range(args.prompt, args.prompt + args.steps):
+            model(token, cache=cache, position_ids=torch.tensor([[p]]), logits_to_keep=1)
+
+    def linear_layers():
+        for m in linears:
+            m(rows[m])
+
+    def matrix_vector():
+        for m in linears:
+            torch.mv(m.weight, rows[m].view(-1))
+
+    with torch.inference_mode():
+        model(torch.randint(3, model.config.vocab_size, (1, args.prompt)), cache=cache,
+              position_ids=torch.arange(args.prompt)[None])
+        bound = best_time(lambda: torch.mv(weights, vector), repeats=20, warmup=3)
+        parts = [("one mv over all weights (bound, baseline)", bound),
+                 (f"decode step (mean of {args.steps})", best_time(decode_steps, repeats=3) / args.steps),
+                 (f"the {len(linears)} linear layers alone, one row", best_time(linear_layers, repeats=20, warmup=3)),
+                 (f"the same {len(linears)} products as torch.mv", best_time(matrix_vector, repeats=20, warmup=3))]
+    table([(name, f"{t * 1e3:.2f}", f"{t / bound:.2f}") for name, t in parts], ("part", "ms per token", "vs bound"))
+    step, lin = parts[1][1], parts[2][1]
+    print(f"\ndecode step reaches {bound / step:.0%} of the bound; outside the linear layers: {(step - lin) * 1e3:.2f} ms "
+          f"({(step - lin) / step:.0%} of the step)")
+
+
+if __name__ == "__main__":
+    main()
