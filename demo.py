@@ -109,12 +109,13 @@ def main(argv=None):
         pretrained = Path(result["output"])
         summary["pretrain val loss"] = f"{result['val_loss']:.3f}"
 
-    from model.evaluation import fact_qa, read_jsonl_rows
+    from model.evaluation import fact_qa
+    from model.io import read_jsonl
     from model.loading import load_model
     from model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tok)
-    held_out = read_jsonl_rows(data / "held_out.jsonl")
+    held_out = list(read_jsonl(data / "held_out.jsonl"))
 
     def accuracy(path):
         r = fact_qa(load_model(path), tokenizer, held_out)

@@ -6,6 +6,7 @@ import argparse
 import itertools
 import time
 
+from model.io import BadRows
 from model.tokenizer import chars_per_token, read_texts, save, train_bpe, wrap
 
 
@@ -22,7 +23,10 @@ def main(argv=None):
 
     start = time.time()
     n = args.held_out_every
-    tokenizer = train_bpe(read_texts(args.data, skip_every=n), args.vocab_size, isolate_cjk=args.isolate_cjk)
+    bad = BadRows()
+    tokenizer = train_bpe(read_texts(args.data, skip_every=n, bad=bad), args.vocab_size, isolate_cjk=args.isolate_cjk)
+    if bad.total:
+        print(f"{args.data}: {bad.report()}")
     fast = wrap(tokenizer)
     save(fast, args.out_dir)
     held_out = list(itertools.islice(read_texts(args.data, every=n), 2000))

@@ -41,11 +41,6 @@ def fact_qa(model, tokenizer, rows: list[dict], batch_size: int = 32, max_new_to
     return result
 
 
-def read_jsonl_rows(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # ------------------------------------------------------------------------------------------------------ C-Eval
 def read_ceval_split(data_dir, split: str) -> dict[str, list[dict]]:
     """{subject: rows} from <data_dir>/<split>/<subject>_<split>.csv (columns id,question,A,B,C,D,answer)."""

@@ -56,6 +56,17 @@ class BadRows:
         return f"skipped {self.total} bad rows: " + "; ".join(parts)
 
 
+def text_field(obj: dict, key: str, allow_empty: bool = False) -> str:
+    """obj[key] if it is a string (non-blank unless allow_empty); otherwise ValueError/KeyError, which
+    parse_line counts as a bad row."""
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} is not a string")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"empty {key!r}")
+    return value
+
+
 def parse_line(raw: bytes, line_no: int, bad: BadRows, normalize: Callable[[dict], object]):
     """One jsonl line -> normalized record, or None (counted in `bad`) if it is unusable."""
     if not raw.strip():

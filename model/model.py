@@ -189,7 +189,7 @@ class MOEFeedForward(nn.Module):
         cfg = self.config
         if cfg.aux_loss_alpha <= 0:
             return None
-        k, n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
+        n_experts = cfg.n_routed_experts
         groups = B if cfg.seq_aux else 1
         picks = top_idx.view(groups, -1)  # (G, tokens_per_group*k)
         share = torch.zeros(groups, n_experts, device=scores.device).scatter_add_(

@@ -15,24 +15,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .io import BadRows, atomic_writer, iter_json_records, parse_line
+from .io import BadRows, atomic_writer, iter_json_records, parse_line, text_field
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 # ------------------------------------------------------------------------------------------------ normalizers
-def _text(obj, key, allow_empty=False) -> str:
-    value = obj[key]
-    if not isinstance(value, str):
-        raise ValueError(f"field {key!r} is not a string")
-    if not allow_empty and not value.strip():
-        raise ValueError(f"empty {key!r}")
-    return value
-
-
 def normalize_text(obj) -> str:
-    return _text(obj, "text")
+    return text_field(obj, "text")
 
 
 def normalize_messages(messages) -> list[dict]:
@@ -68,12 +59,12 @@ def normalize_sft(obj) -> dict:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise ValueError("history entries must be [question, answer] pairs")
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-        question = _text(obj, "instruction")
+        question = text_field(obj, "instruction")
         extra = obj.get("input") or ""
         if not isinstance(extra, str):
             raise ValueError("field 'input' is not a string")
         messages += [{"role": "user", "content": question + ("\n" + extra if extra.strip() else "")},
-                     {"role": "assistant", "content": _text(obj, "output")}]
+                     {"role": "assistant", "content": text_field(obj, "output")}]
         messages = normalize_messages(messages)
     else:
         raise ValueError("neither 'conversations' nor 'instruction'/'output'")
@@ -104,7 +95,7 @@ def normalize_dpo(obj) -> dict:
             raise ValueError("no 'prompt' and chosen/rejected do not share a conversation prefix")
         messages = chosen_context
     elif isinstance(prompt, str):
-        messages = [{"role": "user", "content": _text(obj, "prompt")}]
+        messages = [{"role": "user", "content": text_field(obj, "prompt")}]
     else:
         messages = normalize_messages(prompt)
     if messages[-1]["role"] != "user":

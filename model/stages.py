@@ -26,10 +26,6 @@ def lm_loss(model, batch):
     return out.loss, ({"aux_loss": out.aux_loss.detach()} if out.aux_loss is not None else {})
 
 
-def target_tokens(batch):
-    return int((batch["labels"] != -100).sum())
-
-
 def tokenizer_metadata(tokenizer_dir) -> dict:
     """Recorded in the weights file, so chat scripts find the tokenizer a model was trained with."""
     from .tokenizer import DEFAULT_TOKENIZER_DIR

@@ -3,10 +3,11 @@
 Special tokens are upstream MiniMind's: <unk>=0 (also padding), <s>=1, </s>=2. The chat format is upstream's:
 the system text first, then every turn as `<s>{role}\n{content}</s>\n`.
 """
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from .io import BadRows, iter_json_records, parse_line, text_field
 
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
@@ -92,19 +93,17 @@ def chars_per_token(tokenizer, texts: list[str]) -> float:
     return chars / max(tokens, 1)
 
 
-def read_texts(path, field: str = "text", every: int = 1, skip_every: int = 0) -> Iterator[str]:
-    """Stream the `field` of a jsonl file. every/skip_every pick or skip every n-th row (held-out sampling)."""
-    with open(path, "rb") as f:
-        for n, line in enumerate(f):
-            held = skip_every and n % skip_every == 0
-            if (every > 1 and n % every) or (skip_every and held):
-                continue
-            try:
-                value = json.loads(line).get(field)
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(value, str) and value:
-                yield value
+def read_texts(path, field: str = "text", every: int = 1, skip_every: int = 0,
+               bad: BadRows | None = None) -> Iterator[str]:
+    """Stream the `field` of a jsonl file; unusable rows are counted in `bad`.
+    every/skip_every pick or skip every n-th row (held-out sampling)."""
+    bad = bad if bad is not None else BadRows()
+    for n, (line_no, raw) in enumerate(iter_json_records(path)):
+        if (every > 1 and n % every) or (skip_every and n % skip_every == 0):
+            continue
+        text = parse_line(raw, line_no, bad, lambda obj: text_field(obj, field))
+        if text is not None:
+            yield text
 
 
 def encode_chat(tokenizer, messages: list[dict], max_length: int | None = None):

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT
 from model.dataset import DPODataset, PretrainDataset, SFTDataset, pad_collate
 from model.io import BadRows, read_jsonl
-from model.processing import normalize_dpo, normalize_file, normalize_sft, tokenize_pretrain
+from model.processing import normalize_dpo, normalize_file, tokenize_pretrain
 from model.tokenizer import encode_chat, load_tokenizer
 
 
@@ -176,6 +176,16 @@ def test_bad_pretrain_lines_are_counted_with_line_numbers(tmp_path, demo_data):
     tok = load_tokenizer(demo_data / "tokenizer")
     tokens = np.fromfile(tmp_path / "tok" / "train_000.bin", dtype=np.uint16)
     assert tok.decode(tokens.tolist()) == "first good document</s>second good document</s>"
+
+
+def test_tokenizer_training_reports_bad_lines(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b"\n".join(BAD_LINES) + b"\n")
+    done = subprocess.run([sys.executable, "train_tokenizer.py", "--data", str(src), "--vocab_size", "300",
+                           "--out_dir", str(tmp_path / "tok"), "--held_out_every", "0"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "skipped 6 bad rows" in done.stdout and "malformed JSON (lines 2)" in done.stdout
 
 
 def test_pretrain_shards_decode_back_to_the_input(tmp_path, demo_data):

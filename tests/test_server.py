@@ -1,6 +1,5 @@
 """The OpenAI-compatible server as a real process, driven by the official openai client and raw HTTP."""
 import concurrent.futures
-import json
 import socket
 import subprocess
 import sys
