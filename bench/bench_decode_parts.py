@@ -1,11 +1,12 @@
 """Where one decode step's time goes, each part against the weight-streaming bound measured in the same run.
 
-    python bench/bench_decode_parts.py [--preset minimind-v1-small] [--steps 100]
+    python bench/bench_decode_parts.py [--preset minimind-v1-small] [--steps 100] [--training_layout]
 
 The bound is one matrix-vector product over all the weights (as in bench_model.py). Against it: a real
-decode step (batch 1, KV cache, last-token logits), the model's linear layers alone on one row, and the same
-products as torch.mv. The gap between the step and its linears is everything else (norms, RoPE, attention,
-cache writes, Python); the gap between linears and mv is the cost of many small GEMM calls.
+decode step (batch 1, KV cache, last-token logits), the weight products that step performs alone on one row
+(in the decoding layout of `MiniMindLM.use_decoding_layout` unless --training_layout), and the same products as
+torch.mv. The gap between the step and its products is everything else (norms, RoPE, attention, cache
+writes, Python); the gap between the products and the bound is the cost of many small products.
 """
 import argparse
 
@@ -22,12 +23,19 @@ def main():
     parser.add_argument("--preset", default="minimind-v1-small")
     parser.add_argument("--steps", type=int, default=100, help="decode steps per timing")
     parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--training_layout", action="store_true", help="skip model.use_decoding_layout()")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     torch.manual_seed(0)
     model = MiniMindLM(preset_config(args.preset)).eval()
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    rows = {m: torch.randn(1, 1, m.in_features) for m in linears}
+    if not args.training_layout:
+        model.use_decoding_layout()
+    # The weights one step multiplies, as the model does it: wq/wk/wv as one product where they are fused.
+    fused = {m for layer in model.layers if layer.attention.qkv_fused()
+             for m in (layer.attention.wq, layer.attention.wk, layer.attention.wv)}
+    weights_used = [layer.attention.wqkv for layer in model.layers if layer.attention.qkv_fused()]
+    weights_used += [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m not in fused]
+    rows = [torch.randn(1, 1, w.shape[1]) for w in weights_used]
     n_params = sum(p.numel() for p in model.parameters())
     weights = torch.randn(n_params // model.config.dim, model.config.dim)
     vector = torch.randn(model.config.dim)
@@ -40,12 +48,12 @@ def main():
             model(token, cache=cache, position_ids=torch.tensor([[p]]), logits_to_keep=1)
 
     def linear_layers():
-        for m in linears:
-            m(rows[m])
+        for w, x in zip(weights_used, rows):
+            torch.nn.functional.linear(x, w)
 
     def matrix_vector():
-        for m in linears:
-            torch.mv(m.weight, rows[m].view(-1))
+        for w, x in zip(weights_used, rows):
+            torch.mv(w, x.view(-1))
 
     with torch.inference_mode():
         model(torch.randint(3, model.config.vocab_size, (1, args.prompt)), cache=cache,
@@ -53,8 +61,8 @@ def main():
         bound = best_time(lambda: torch.mv(weights, vector), repeats=20, warmup=3)
         parts = [("one mv over all weights (bound, baseline)", bound),
                  (f"decode step (mean of {args.steps})", best_time(decode_steps, repeats=3) / args.steps),
-                 (f"the {len(linears)} linear layers alone, one row", best_time(linear_layers, repeats=20, warmup=3)),
-                 (f"the same {len(linears)} products as torch.mv", best_time(matrix_vector, repeats=20, warmup=3))]
+                 (f"the {len(rows)} weight products alone, one row", best_time(linear_layers, repeats=20, warmup=3)),
+                 (f"the same {len(rows)} products as torch.mv", best_time(matrix_vector, repeats=20, warmup=3))]
     table([(name, f"{t * 1e3:.2f}", f"{t / bound:.2f}") for name, t in parts], ("part", "ms per token", "vs bound"))
     step, lin = parts[1][1], parts[2][1]
     print(f"\ndecode step reaches {bound / step:.0%} of the bound; outside the linear layers: {(step - lin) * 1e3:.2f} ms "

@@ -138,6 +138,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if hasattr(model, "use_decoding_layout"):
+        model.use_decoding_layout(len(prompts))  # no-op in training mode or when already laid out
     device = next(model.parameters()).device
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     ids, mask = left_pad(prompts, model.config.pad_token_id or 0, device)

@@ -59,6 +59,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # ------------------------------------------------------------------------------------------------------- layers
+def few_rows_at_inference(x: torch.Tensor) -> bool:
+    """Batched decoding on CPU: 2..64 rows of fp32, no autograd."""
+    rows = x.numel() // x.shape[-1]
+    return 1 < rows <= 64 and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+def weight_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T, as F.linear. For a few rows at inference it is computed as (weight @ x^T)^T: with the weight
+    as the long operand this CPU's BLAS picks a kernel about 1.4x faster (16 rows; bench/bench_decode_parts.py)."""
+    if few_rows_at_inference(x):
+        return (weight @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x); a plain bias-free nn.Linear goes through `weight_product` when that has a faster way."""
+    if type(layer) is nn.Linear and layer.bias is None and few_rows_at_inference(x):
+        return weight_product(x, layer.weight)
+    return layer(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -82,24 +103,44 @@ class Attention(nn.Module):
         self.wo.is_residual_out = True
         self.dropout = config.dropout
         self.flash = config.flash_attn
+        self.wqkv = None  # set by MiniMindLM.use_decoding_layout: wq, wk, wv as views of this one weight
+
+    def qkv_fused(self) -> bool:
+        """True while wq, wk, wv are still the views of `wqkv` (moving or casting the model makes new tensors)."""
+        if self.wqkv is None:
+            return False
+        weights = (self.wq.weight, self.wk.weight, self.wv.weight)  # a quantized layer's `weight` is a method
+        return all(isinstance(w, torch.Tensor) for w in weights) and self.wqkv_ptrs == tuple(w.data_ptr() for w in weights)
+
+    def project_qkv(self, x):
+        if self.qkv_fused():
+            return weight_product(x, self.wqkv).split((self.wq.out_features, self.wk.out_features, self.wv.out_features), -1)
+        return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, K, S, D)
         dropout = self.dropout if self.training else 0.0
         causal = mask is None and T > 1  # no explicit mask: plain causal attention over T tokens, no past
-        if self.flash:
+        if self.flash and T == 1:
+            # One new token: the H/K query heads that share a kv head are H/K query rows against its keys, a plain
+            # attention over (B, K) that runs faster than the GQA kernel on CPU (1.4x at 288 keys, 16 rows).
+            grouped = q.reshape(B, self.n_kv_heads, -1, self.head_dim)  # (B, K, H/K, D)
+            out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, dropout_p=dropout)
+            out = out.reshape(B, self.n_heads, 1, self.head_dim)
+        elif self.flash:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                                                  enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             out = self.explicit_attention(q, k, v, mask, causal, dropout)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, dim)
+        return linear(self.wo, out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, dim)
 
     def explicit_attention(self, q, k, v, mask, causal, dropout):
         """softmax(q k^T / sqrt(D)) v, spelled out; the same result as the fused kernel."""
@@ -126,7 +167,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return self.dropout(linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x)))
 
 
 class MoEGate(nn.Module):
@@ -256,6 +297,68 @@ class MiniMindLM(PreTrainedModel, GenerationMixin):
         if module is self:
             init.copy_(self.inv_freq, rope_inv_freq(self.config)[0])
 
+    # ------------------------------------------------------------------------------------ inference weight layout
+    def use_decoding_layout(self, batch_size: int = 1):
+        """Lay the weights out for decoding `batch_size` rows at a time; values are unchanged, `train()` undoes it.
+
+        Each step of decoding streams every weight through a matrix-vector product, so layout is speed:
+        - wq, wk, wv become views of one (q+k+v, dim) weight, read by one product instead of three;
+        - for one row, fp32 weights on CPU whose output is at least as wide as their input (wq/wk/wv, wo, w1, w3,
+          the head) are stored transposed, (in, out) in memory, where this CPU's fp32 GEMV streams them up to 2x
+          faster; narrowing ones (w2) stream best as they are. bf16 GEMV is fastest untransposed, and several
+          rows (see `weight_product`) are fastest with the usual layout, so those keep it.
+          Measured: python bench/bench_decode_parts.py [--training_layout].
+        """
+        if self.training:
+            return self
+        fused_linears = set()
+        with torch.no_grad():
+            for layer in self.layers:
+                attn = layer.attention
+                qkv = (attn.wq, attn.wk, attn.wv)
+                if not all(type(m) is nn.Linear for m in qkv):
+                    continue  # adapters or quantized layers: leave them alone
+                fused_linears.update(qkv)
+                weights = [m.weight for m in qkv]
+                transposed = self._transposed_is_faster(weights[0], batch_size)
+                if attn.qkv_fused() and attn.wqkv.t().is_contiguous() == transposed:
+                    continue  # already laid out (and still the weights' own storage)
+                if transposed:  # a (dim, q+k+v) buffer, seen transposed
+                    fused = torch.cat([w.t() for w in weights], dim=1).t()
+                else:
+                    fused = torch.cat(weights, dim=0)
+                for w, block in zip(weights, fused.split([w.shape[0] for w in weights])):
+                    w.data = block
+                attn.wqkv, attn.wqkv_ptrs = fused, tuple(w.data_ptr() for w in weights)
+            for module in self.modules():
+                if type(module) is nn.Linear and module not in fused_linears:
+                    w = module.weight
+                    transposed = self._transposed_is_faster(w, batch_size)
+                    if transposed and not w.t().is_contiguous():
+                        w.data = w.data.t().contiguous().t()
+                    elif not transposed and not w.is_contiguous():
+                        w.data = w.data.contiguous()
+        return self
+
+    @staticmethod
+    def _transposed_is_faster(weight, batch_size: int) -> bool:
+        return (batch_size == 1 and weight.device.type == "cpu" and weight.dtype == torch.float32
+                and weight.shape[0] >= weight.shape[1])
+
+    def train(self, mode: bool = True):
+        if mode:  # back to the training layout: every weight contiguous, in its own storage
+            with torch.no_grad():
+                for layer in self.layers:
+                    attn = layer.attention
+                    if attn.wqkv is not None:
+                        for m in (attn.wq, attn.wk, attn.wv):
+                            m.weight.data = m.weight.data.clone(memory_format=torch.contiguous_format)
+                        attn.wqkv = None
+                for p in self.parameters():
+                    if not p.is_contiguous():
+                        p.data = p.data.contiguous()
+        return super().train(mode)
+
     def get_input_embeddings(self):
         return self.tok_embeddings
 
@@ -315,7 +418,7 @@ class MiniMindLM(PreTrainedModel, GenerationMixin):
         h = self.norm(h)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.output(h)  # (B, T, vocab)
+        logits = linear(self.output, h)  # (B, T, vocab)
 
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
         loss = None

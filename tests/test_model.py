@@ -247,3 +247,33 @@ def test_sampling_is_seeded_per_row_and_repetition_penalty_respects_sign(model):
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     penalised = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), torch.tensor([[2.0]]))
     assert penalised.tolist() == [[1.0, -4.0, 1.0]]  # both seen tokens became less likely
+
+
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_decoding_layout_keeps_values_and_train_restores_the_training_layout(use_moe, tmp_path):
+    from model.checkpoint import save_weights
+
+    model = tiny_model(use_moe=use_moe)
+    ids = torch.randint(3, 128, (2, 12))
+    expected = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.use_decoding_layout()
+    attn = model.layers[0].attention
+    assert attn.qkv_fused() and attn.wq.weight.untyped_storage().data_ptr() == attn.wv.weight.untyped_storage().data_ptr()
+    assert attn.wo.weight.t().is_contiguous()  # fp32 on CPU: stored (in, out)
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    save_weights(tmp_path / "w.safetensors", model.state_dict())  # views of one buffer still save
+    # Casting makes new tensors: the fused view is dropped rather than used stale, and laid out again on demand.
+    half = model.to(torch.bfloat16)
+    assert not half.layers[0].attention.qkv_fused()
+    torch.testing.assert_close(half(ids).logits.float(), expected, atol=0.1, rtol=0.05)
+    half.use_decoding_layout()
+    assert half.layers[0].attention.qkv_fused() and half.layers[0].attention.wo.weight.is_contiguous()
+    model = half.float().train()
+    ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert all(p.is_contiguous() for p in model.parameters()) and len(ptrs) == len(list(model.parameters()))
+    assert model.layers[0].attention.wqkv is None
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.layers[0].attention.wq.weight.grad is not None
