@@ -47,6 +47,22 @@ def matmul_peak(n=4096, dtype=torch.float32, device="cpu", repeats=3) -> float:
     return 2 * n ** 3 / best_time(lambda: a @ b, repeats, sync=sync)
 
 
+def weight_passes(model, dtype=torch.float32) -> dict:
+    """One pass over as many numbers as the model has weights, as one product (what a decode step would cost if
+    that were all it did): {"mv": torch.mv on the usual (out, in) layout, the weight-streaming bound} and, for
+    fp32, {"x @ W": the (in, out) layout, which this machine's fp32 GEMV streams faster}. Callables, so a
+    benchmark can time them between its other measurements."""
+    n = sum(p.numel() for p in model.parameters())
+    cols = model.config.dim
+    w = torch.randn(n // cols, cols, dtype=dtype)
+    x = torch.randn(cols, dtype=dtype)
+    passes = {"mv": lambda: torch.mv(w, x)}
+    if dtype == torch.float32:
+        w_in_out = w.t().contiguous()
+        passes["x @ W"] = lambda: x @ w_in_out
+    return passes
+
+
 def train_flops_per_token(config, seq_len: int) -> float:
     """6 N for the weight matmuls (forward + backward; the tied embedding is counted once, as the output head)
     plus 12 L T d for attention scores and values (PaLM's accounting)."""

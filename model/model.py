@@ -59,23 +59,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # ------------------------------------------------------------------------------------------------------- layers
-def few_rows_at_inference(x: torch.Tensor) -> bool:
-    """Batched decoding on CPU: 2..64 rows of fp32, no autograd."""
-    rows = x.numel() // x.shape[-1]
-    return 1 < rows <= 64 and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-
-
 def weight_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T, as F.linear. For a few rows at inference it is computed as (weight @ x^T)^T: with the weight
-    as the long operand this CPU's BLAS picks a kernel about 1.4x faster (16 rows; bench/bench_decode_parts.py)."""
-    if few_rows_at_inference(x):
-        return (weight @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], weight.shape[0])
+    """x @ weight^T, as F.linear. For a few rows of fp32 on CPU at inference (batched decoding) it is computed as
+    (weight @ x^T)^T: with the weight as the long operand this CPU's BLAS picks a kernel about 1.4x faster
+    (16 rows; bench/bench_decode_parts.py)."""
+    rows = x.numel() // x.shape[-1]
+    if 1 < rows <= 64 and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+        return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x); a plain bias-free nn.Linear goes through `weight_product` when that has a faster way."""
-    if type(layer) is nn.Linear and layer.bias is None and few_rows_at_inference(x):
+    """layer(x); at inference a plain bias-free nn.Linear goes through `weight_product` (adapters, quantized
+    layers and training keep their own forward)."""
+    if type(layer) is nn.Linear and layer.bias is None and not torch.is_grad_enabled():
         return weight_product(x, layer.weight)
     return layer(x)
 
