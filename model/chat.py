@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from .generate import SamplingParams, stream_text
+from .generate import SamplingParams, compile_decoding, stream_text
 
 
 def add_inference_args(parser: argparse.ArgumentParser, ckpt: str):
@@ -14,6 +14,9 @@ def add_inference_args(parser: argparse.ArgumentParser, ckpt: str):
     g.add_argument("--preset", default=None, help="dims for an upstream .pth (see model/LMConfig.py)")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile: faster tokens after a one-time compilation of "
+                        "tens of seconds on CPU (see model/generate.py: compile_decoding)")
     g.add_argument("--rope_scaling", default=None, metavar="TYPE:FACTOR",
                    help="extend the context at inference, e.g. yarn:4 (trained at 512, chat at 2048) or linear:4")
     g.add_argument("--temperature", type=float, default=0.7)
@@ -69,6 +72,8 @@ def load_for_inference(args):
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = load_model(args.ckpt, device=device, dtype=dtype, preset=args.preset,
                        rope_scaling=parse_rope_scaling(args.rope_scaling))
+    if args.compile:
+        compile_decoding(model)
     tokenizer = load_tokenizer(find_tokenizer(args.ckpt, args.tokenizer))
     if len(tokenizer) > model.config.vocab_size:
         raise SystemExit(f"the tokenizer ({len(tokenizer)} tokens) does not fit the model (vocab "

@@ -9,6 +9,7 @@ Layers:
 - `TextStream` / `stream_text` / `generate_text`: text level. Decodes incrementally, applies stop strings,
   holds back partial UTF-8 and partial stop strings so streamed text never has to be taken back.
 """
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -16,37 +17,56 @@ import torch
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (layers, B, K, capacity, D). Grows if a call runs past it."""
+    """Preallocated keys/values, one (B, K, capacity, D) buffer per layer. Grows if a call runs past it.
+
+    Two ways to write: `update` appends at the layer's length and returns the filled part (prefill, eager steps);
+    with `slot` set (a (1,) column tensor) it writes that column in place and returns the buffers as they are,
+    which lets a compiled decode step do without Python-side lengths (see `compile_decoding`).
+    """
 
     def __init__(self, n_layers, batch, n_kv_heads, head_dim, capacity, device, dtype):
-        shape = (n_layers, batch, n_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.lengths = [0] * n_layers
+        self.slot = None
 
     @classmethod
     def for_model(cls, model, batch, capacity):
         cfg, param = model.config, next(model.parameters())
         dtype = param.dtype if param.is_floating_point() else torch.float32
+        if param.device.type == "cpu":
+            # This CPU's attention kernel is faster in fp32 for a decode step (one query row, 288 keys: 72 us vs
+            # 112 in bf16; python bench/bench_decode_parts.py), and the cache is small beside the weights.
+            dtype = torch.float32
         return cls(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, capacity, param.device, dtype)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
 
     def update(self, k, v, layer_idx):
+        k, v = k.to(self.k[layer_idx].dtype), v.to(self.v[layer_idx].dtype)
+        if self.slot is not None:
+            self.k[layer_idx].index_copy_(2, self.slot, k)
+            self.v[layer_idx].index_copy_(2, self.slot, v)
+            return self.k[layer_idx], self.v[layer_idx]
         start = self.lengths[layer_idx]
         end = start + k.shape[2]
-        if end > self.k.shape[3]:
+        if end > self.capacity:
             self._grow(end)
-        self.k[layer_idx, :, :, start:end] = k
-        self.v[layer_idx, :, :, start:end] = v
+        self.k[layer_idx][:, :, start:end] = k
+        self.v[layer_idx][:, :, start:end] = v
         self.lengths[layer_idx] = end
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
 
     def _grow(self, needed):
-        extra = max(needed, 2 * self.k.shape[3]) - self.k.shape[3]
-        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:3], extra, t.shape[4])], dim=3)  # noqa: E731
-        self.k, self.v = pad(self.k), pad(self.v)
+        extra = max(needed, 2 * self.capacity) - self.capacity
+        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)  # noqa: E731
+        self.k, self.v = [pad(t) for t in self.k], [pad(t) for t in self.v]
 
 
 @dataclass
@@ -127,6 +147,60 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device):
     return ids.to(device), mask.to(device)
 
 
+_compiled_steps = weakref.WeakKeyDictionary()  # model -> its compiled decode step (see compile_decoding)
+
+
+def compile_decoding(model):
+    """Make our generator run this model's decode steps as one torch.compile'd graph (gpt-fast's approach).
+
+    The step gets views of the cache's columns in use, writes the new token's keys and values in place at a column
+    index, and takes an additive mask for the left padding; the number of columns is a dynamic dimension, so one
+    graph serves every step and every call of that batch size (a new batch size compiles once more). Inductor
+    fuses the small elementwise work between the weight products (norms, RoPE, SwiGLU, residuals) and drops most
+    of eager mode's per-op overhead. Compiling takes tens of seconds on CPU (then cached on disk), so it is
+    opt-in: `--compile` in the chat scripts and the server. The prefill stays eager.
+    """
+    def decode_step(model, token, position, mask, cache):
+        return model(token, attention_mask=mask, position_ids=position, cache=cache).logits[:, -1]
+
+    _compiled_steps[model] = torch.compile(decode_step)
+    return model
+
+
+def decode_steps(model, cache: KVCache, mask: torch.Tensor):
+    """A function (token (B, 1), position (B, 1)) -> next-token logits (B, vocab) for the steps after the prefill.
+
+    Compiled models (see `compile_decoding`) get the compiled step; others the usual eager forward.
+    """
+    compiled = _compiled_steps.get(model)
+    B, width = mask.shape
+    if compiled is None:
+        def eager_step(token, position):
+            nonlocal mask
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            return model(token, attention_mask=mask, position_ids=position, cache=cache).logits[:, -1]
+        return eager_step
+    # Additive mask over the cache's columns: 0 for the prompt's real tokens and for each new column once written.
+    visible = torch.full((B, 1, 1, cache.capacity), float("-inf"), dtype=cache.k[0].dtype, device=mask.device)
+    visible[:, 0, 0, :width].masked_fill_(mask.bool(), 0.0)
+    full_k, full_v = cache.k, cache.v
+    cache.slot = torch.zeros(1, dtype=torch.long, device=mask.device)
+    columns = width  # in use so far; each step sees views of exactly these, so attention reads no empty column
+
+    def compiled_step(token, position):
+        nonlocal columns
+        cache.slot.fill_(columns)
+        columns += 1
+        visible[..., columns - 1] = 0.0
+        cache.k, cache.v = [t[:, :, :columns] for t in full_k], [t[:, :, :columns] for t in full_v]
+        step_mask = visible[..., :columns]
+        for t in (*cache.k, *cache.v):  # (B, K, columns, D)
+            torch._dynamo.mark_dynamic(t, 2)
+        torch._dynamo.mark_dynamic(step_mask, 3)  # (B, 1, 1, columns): one graph for every length
+        return compiled(model, token, position, step_mask, cache)
+    return compiled_step
+
+
 @torch.inference_mode()
 def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  eos_token_id: int | None = None, finished: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
@@ -142,7 +216,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams
         model.use_decoding_layout(len(prompts))  # no-op in training mode or when already laid out
     device = next(model.parameters()).device
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
-    ids, mask = left_pad(prompts, model.config.pad_token_id or 0, device)
+    pad_id = model.config.pad_token_id or 0
+    ids, mask = left_pad(prompts, pad_id, device)
     B, L = ids.shape
     steps = max(p.max_new_tokens for p in params)
     limits = torch.tensor([p.max_new_tokens for p in params], device=device)
@@ -154,6 +229,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
     logits = model(ids, attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
+    step_logits = decode_steps(model, cache, mask)
     position = positions[:, -1:]
     for step in range(steps):
         if bool(finished.all()):
@@ -165,10 +241,11 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams
         yield token
         if step + 1 == steps or bool(finished.all()):
             return
-        history = torch.cat([history, token[:, None]], dim=1)
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        # A finished row still runs (its output is ignored); it is fed padding, as eos may be no real id (-1: none).
+        fed = torch.where(finished, pad_id, token)[:, None]
+        history = torch.cat([history, fed], dim=1)
         position = position + 1
-        logits = model(token[:, None], attention_mask=mask, position_ids=position, cache=cache).logits[:, -1]
+        logits = step_logits(fed, position)
 
 
 @dataclass

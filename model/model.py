@@ -110,7 +110,8 @@ class Attention(nn.Module):
         return all(isinstance(w, torch.Tensor) for w in weights) and self.wqkv_ptrs == tuple(w.data_ptr() for w in weights)
 
     def project_qkv(self, x):
-        if self.qkv_fused():
+        # A compiled decode step trusts the flag: the generator lays the weights out (and checks) before each call.
+        if self.wqkv is not None if torch.compiler.is_compiling() else self.qkv_fused():
             return weight_product(x, self.wqkv).split((self.wq.out_features, self.wk.out_features, self.wv.out_features), -1)
         return self.wq(x), self.wk(x), self.wv(x)
 
@@ -123,7 +124,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, K, S, D)
+            k, v = cache.update(k, v, self.layer_idx)  # (B, K, S, D), in the cache's dtype
+            q = q.to(k.dtype)
         dropout = self.dropout if self.training else 0.0
         causal = mask is None and T > 1  # no explicit mask: plain causal attention over T tokens, no past
         if self.flash and T == 1:
@@ -137,7 +139,8 @@ class Attention(nn.Module):
                                                  enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             out = self.explicit_attention(q, k, v, mask, causal, dropout)
-        return linear(self.wo, out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, dim)
+        out = out.transpose(1, 2).reshape(B, T, -1).to(x.dtype)  # (B, T, H*D)
+        return linear(self.wo, out)  # (B, T, dim)
 
     def explicit_attention(self, q, k, v, mask, causal, dropout):
         """softmax(q k^T / sqrt(D)) v, spelled out; the same result as the fused kernel."""
@@ -146,8 +149,10 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
         if causal:
             mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        if mask is not None:
+        if mask is not None and mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
+        elif mask is not None:
+            scores = scores + mask
         probs = F.dropout(scores.float().softmax(-1).type_as(q), dropout, self.training)
         return probs @ v  # (B, H, T, D)
 
@@ -356,6 +361,14 @@ class MiniMindLM(PreTrainedModel, GenerationMixin):
                         p.data = p.data.contiguous()
         return super().train(mode)
 
+    def _apply(self, fn, *args, **kwargs):
+        # RoPE frequencies stay fp32 whatever dtype the weights are cast to: in bf16 (8-bit mantissa) the angle of
+        # position 500 would be off by up to a radian.
+        super()._apply(fn, *args, **kwargs)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_inv_freq(self.config)[0].to(self.inv_freq.device)
+        return self
+
     def get_input_embeddings(self):
         return self.tok_embeddings
 
@@ -397,14 +410,20 @@ class MiniMindLM(PreTrainedModel, GenerationMixin):
             cache = DynamicCache(config=self.config)
         h = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
         B, T, _ = h.shape
-        past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None:  # count only real tokens, so left padding does not shift positions
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past, past + T, device=h.device)[None]
+        prepared = attention_mask is not None and attention_mask.dim() == 4
+        if prepared and position_ids is None:
+            raise ValueError("a 4-D attention_mask needs position_ids")
+        if prepared:  # (B, 1, T, S), built by the caller: bool (True attends) or additive float
+            mask = attention_mask
+        else:
+            past = cache.get_seq_length() if cache is not None else 0
+            if position_ids is None:
+                if attention_mask is not None:  # count only real tokens, so left padding does not shift positions
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+                else:
+                    position_ids = torch.arange(past, past + T, device=h.device)[None]
+            mask = self.attention_bias(attention_mask, T, past, h.device)
         cos, sin = self.rotary(position_ids)
-        mask = self.attention_bias(attention_mask, T, past, h.device)
 
         h = self.dropout(h)
         aux_losses = []

@@ -268,6 +268,7 @@ def test_decoding_layout_keeps_values_and_train_restores_the_training_layout(use
     # Casting makes new tensors: the fused view is dropped rather than used stale, and laid out again on demand.
     half = model.to(torch.bfloat16)
     assert not half.layers[0].attention.qkv_fused()
+    assert half.inv_freq.dtype == torch.float32  # RoPE frequencies keep full precision
     torch.testing.assert_close(half(ids).logits.float(), expected, atol=0.1, rtol=0.05)
     half.use_decoding_layout()
     assert half.layers[0].attention.qkv_fused() and half.layers[0].attention.wo.weight.is_contiguous()
@@ -277,3 +278,30 @@ def test_decoding_layout_keeps_values_and_train_restores_the_training_layout(use
     assert model.layers[0].attention.wqkv is None
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.layers[0].attention.wq.weight.grad is not None
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_compiled_decoding_equals_eager_for_any_length_without_recompiling(flash):
+    """compile_decoding's fixed-shape step (cache written in place, additive mask over all its columns) gives the
+    eager tokens: left-padded rows, greedy beside seeded sampling; a call of other lengths reuses the graph."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from model.generate import compile_decoding
+
+    model = tiny_model(flash_attn=flash)
+    compiled = compile_decoding(copy.deepcopy(model))
+    greedy, sampled = SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=9, temperature=1.0, seed=3)
+    prompts = [torch.randint(3, 128, (9,)).tolist(), torch.randint(3, 128, (4,)).tolist()]
+
+    def run(m, prompts, params):
+        return torch.stack(list(generate_ids(m, prompts, params, eos_token_id=-1))).tolist()
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert run(compiled, prompts, [greedy, sampled]) == run(model, prompts, [greedy, sampled])
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled step really ran
+    graphs = counters["stats"]["unique_graphs"]
+    longer = [torch.randint(3, 128, (17,)).tolist(), torch.randint(3, 128, (2,)).tolist()]
+    assert run(compiled, longer, SamplingParams(max_new_tokens=30)) == run(model, longer, SamplingParams(max_new_tokens=30))
+    assert counters["stats"]["unique_graphs"] == graphs
