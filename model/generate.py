@@ -158,12 +158,16 @@ def compile_decoding(model):
     graph serves every step and every call of that batch size (a new batch size compiles once more). Inductor
     fuses the small elementwise work between the weight products (norms, RoPE, SwiGLU, residuals) and drops most
     of eager mode's per-op overhead. Compiling takes tens of seconds on CPU (then cached on disk), so it is
-    opt-in: `--compile` in the chat scripts and the server. The prefill stays eager.
+    opt-in: `--compile` in the chat scripts and the server. It happens here, for one row (a two-token
+    generation), so that a chat or a server pays it while loading rather than in its first answer. The prefill
+    stays eager.
     """
     def decode_step(model, token, position, mask, cache):
         return model(token, attention_mask=mask, position_ids=position, cache=cache).logits[:, -1]
 
     _compiled_steps[model] = torch.compile(decode_step)
+    for _ in generate_ids(model, [[model.config.pad_token_id or 0]], SamplingParams(max_new_tokens=2), eos_token_id=-1):
+        pass
     return model
 
 
