@@ -164,8 +164,12 @@ def main():
                         ("bf16", "ours, bf16 weights"), ("bf16 compiled", "ours, bf16 weights, compiled step"),
                         ("int8", "ours, int8 weights (dynamic quantization)")):
         rate = best[name]
-        of_bound = (f"{rate / bound:.0%}", f"{rate / strict:.0%}") if name.startswith("fp32") else (
-            (f"{rate / bounds['mv bf16']:.0%} of bf16 mv", "-") if name.startswith("bf16") else ("-", "-"))
+        if name.startswith("fp32"):
+            of_bound = (f"{rate / bound:.0%}", f"{rate / strict:.0%}")
+        elif name.startswith("bf16"):
+            of_bound = (f"{rate / bounds['mv bf16']:.0%} of bf16 mv", "-")
+        else:
+            of_bound = ("-", "-")
         rows.append((label, f"{rate:.1f}", f"{rate / hf:.2f}", *of_bound, f"{agree[name]:.0%}"))
     print(f"\ndecoding, batch 1, 32-token prompt, {args.new_tokens} new tokens, best of {args.decode_rounds} interleaved "
           f"rounds; one pass over all weights: torch.mv {bound:.1f} tokens/s (the weight-streaming bound), "
@@ -174,10 +178,10 @@ def main():
                  "greedy agreement with fp32"))
     print("compiling the decode step took " + ", ".join(f"{name} {t:.0f} s" for name, t in compile_seconds.items())
           + " (once per process and batch size; not in the timed runs)")
-    for name, single in (("batch16", "fp32"), ("batch16 compiled", "fp32 compiled")):
-        print(f"\n{name} (fp32): {best[name]:.1f} tokens/s in aggregate = {best[name] / best[single]:.1f}x "
-              f"single-stream ({single})", end="")
     print()
+    for name, single in (("batch16", "fp32"), ("batch16 compiled", "fp32 compiled")):
+        print(f"{name} (fp32): {best[name]:.1f} tokens/s in aggregate = {best[name] / best[single]:.1f}x "
+              f"single-stream ({single})")
 
 if __name__ == "__main__":
     main()

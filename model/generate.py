@@ -19,9 +19,8 @@ import torch
 class KVCache:
     """Preallocated keys/values, one (B, K, capacity, D) buffer per layer. Grows if a call runs past it.
 
-    Two ways to write: `update` appends at the layer's length and returns the filled part (prefill, eager steps);
-    with `slot` set (a (1,) column tensor) it writes that column in place and returns the buffers as they are,
-    which lets a compiled decode step do without Python-side lengths (see `compile_decoding`).
+    `update` appends at the layer's length and returns the filled part (prefill, eager steps); `columns` gives a
+    compiled decode step a view that needs no Python-side lengths.
     """
 
     def __init__(self, n_layers, batch, n_kv_heads, head_dim, capacity, device, dtype):
@@ -29,7 +28,6 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.lengths = [0] * n_layers
-        self.slot = None
 
     @classmethod
     def for_model(cls, model, batch, capacity):
@@ -50,10 +48,6 @@ class KVCache:
 
     def update(self, k, v, layer_idx):
         k, v = k.to(self.k[layer_idx].dtype), v.to(self.v[layer_idx].dtype)
-        if self.slot is not None:
-            self.k[layer_idx].index_copy_(2, self.slot, k)
-            self.v[layer_idx].index_copy_(2, self.slot, v)
-            return self.k[layer_idx], self.v[layer_idx]
         start = self.lengths[layer_idx]
         end = start + k.shape[2]
         if end > self.capacity:
@@ -67,6 +61,26 @@ class KVCache:
         extra = max(needed, 2 * self.capacity) - self.capacity
         pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)  # noqa: E731
         self.k, self.v = [pad(t) for t in self.k], [pad(t) for t in self.v]
+
+    def columns(self, n: int, slot: torch.Tensor) -> "CacheColumns":
+        """The first n columns of every layer, for one decode step that writes its token at column `slot`."""
+        return CacheColumns([t[:, :, :n] for t in self.k], [t[:, :, :n] for t in self.v], slot)
+
+
+class CacheColumns:
+    """Views of a KVCache's columns in use: a step writes its keys and values in place at `slot` (a (1,) tensor,
+    so a compiled step reads no Python int) and attends over all the columns. The column count is marked dynamic,
+    so one compiled graph serves every step."""
+
+    def __init__(self, k: list, v: list, slot: torch.Tensor):
+        self.k, self.v, self.slot = k, v, slot
+        for t in (*k, *v):  # (B, K, columns, D)
+            torch._dynamo.mark_dynamic(t, 2)
+
+    def update(self, k, v, layer_idx):
+        self.k[layer_idx].index_copy_(2, self.slot, k.to(self.k[layer_idx].dtype))
+        self.v[layer_idx].index_copy_(2, self.slot, v.to(self.v[layer_idx].dtype))
+        return self.k[layer_idx], self.v[layer_idx]
 
 
 @dataclass
@@ -187,21 +201,17 @@ def decode_steps(model, cache: KVCache, mask: torch.Tensor):
     # Additive mask over the cache's columns: 0 for the prompt's real tokens and for each new column once written.
     visible = torch.full((B, 1, 1, cache.capacity), float("-inf"), dtype=cache.k[0].dtype, device=mask.device)
     visible[:, 0, 0, :width].masked_fill_(mask.bool(), 0.0)
-    full_k, full_v = cache.k, cache.v
-    cache.slot = torch.zeros(1, dtype=torch.long, device=mask.device)
-    columns = width  # in use so far; each step sees views of exactly these, so attention reads no empty column
+    slot = torch.zeros(1, dtype=torch.long, device=mask.device)
+    columns = width  # in use so far; each step sees exactly these, so attention reads no empty column
 
     def compiled_step(token, position):
         nonlocal columns
-        cache.slot.fill_(columns)
+        slot.fill_(columns)
         columns += 1
         visible[..., columns - 1] = 0.0
-        cache.k, cache.v = [t[:, :, :columns] for t in full_k], [t[:, :, :columns] for t in full_v]
         step_mask = visible[..., :columns]
-        for t in (*cache.k, *cache.v):  # (B, K, columns, D)
-            torch._dynamo.mark_dynamic(t, 2)
-        torch._dynamo.mark_dynamic(step_mask, 3)  # (B, 1, 1, columns): one graph for every length
-        return compiled(model, token, position, step_mask, cache)
+        torch._dynamo.mark_dynamic(step_mask, 3)  # (B, 1, 1, columns)
+        return compiled(model, token, position, step_mask, cache.columns(columns, slot))
     return compiled_step
 
 

@@ -103,15 +103,17 @@ class Attention(nn.Module):
         self.wqkv = None  # set by MiniMindLM.use_decoding_layout: wq, wk, wv as views of this one weight
 
     def qkv_fused(self) -> bool:
-        """True while wq, wk, wv are still the views of `wqkv` (moving or casting the model makes new tensors)."""
-        if self.wqkv is None:
-            return False
+        """True while wq, wk, wv are still the views of `wqkv` (moving or casting the model makes new tensors).
+
+        A compiled decode step cannot compare data pointers and trusts the flag: the generator lays the weights
+        out, with this check, before each call."""
+        if self.wqkv is None or torch.compiler.is_compiling():
+            return self.wqkv is not None
         weights = (self.wq.weight, self.wk.weight, self.wv.weight)  # a quantized layer's `weight` is a method
         return all(isinstance(w, torch.Tensor) for w in weights) and self.wqkv_ptrs == tuple(w.data_ptr() for w in weights)
 
     def project_qkv(self, x):
-        # A compiled decode step trusts the flag: the generator lays the weights out (and checks) before each call.
-        if self.wqkv is not None if torch.compiler.is_compiling() else self.qkv_fused():
+        if self.qkv_fused():
             return weight_product(x, self.wqkv).split((self.wq.out_features, self.wk.out_features, self.wv.out_features), -1)
         return self.wq(x), self.wk(x), self.wv(x)
 
