@@ -19,7 +19,9 @@ from common import best_time, machine, matmul_peak, table, train_flops_per_token
 from model.convert import llama_config, to_llama_state_dict
 from model.generate import SamplingParams, compile_decoding, generate_ids
 from model.LMConfig import preset_config
+from model.loading import quantize_int8
 from model.model import MiniMindLM
+from model.trainer import keep_freed_memory
 
 
 def train_rates(models: dict, batch, seq, rounds, vocab) -> tuple[dict, float]:
@@ -83,6 +85,7 @@ def main():
     parser.add_argument("--skip_compile", action="store_true", help="leave out compiled training (not decoding)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    keep_freed_memory()  # as the trainer does on CPU; every model below runs with it
     config = preset_config(args.preset, max_seq_len=args.seq)
     torch.manual_seed(0)
     ours = MiniMindLM(config)
@@ -119,11 +122,10 @@ def main():
     # Its own copy for batch 16: our generator lays weights out per batch size (one row vs several), and a model
     # that alternated would pay the ~0.1 s re-layout in every timed run, which a chat or a server does not.
     batched = copy.deepcopy(ours)
-    int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(ours), {torch.nn.Linear}, dtype=torch.qint8)
-    # The same weights again with the compiled decode step (--compile in the chat scripts). int8 is left out: torch's
-    # dynamically quantized Linear breaks the graph at every layer and ran slower compiled than eager.
+    int8 = quantize_int8(copy.deepcopy(ours).to(torch.bfloat16))  # --dtype bfloat16 --quantize int8
+    # The same weights again with the compiled decode step (--compile in the chat scripts).
     compiled, compile_seconds = {}, {}
-    for name, model in (("fp32", ours), ("bf16", bf16), ("batch16", batched)):
+    for name, model in (("fp32", ours), ("bf16", bf16), ("int8", int8), ("batch16", batched)):
         start = time.perf_counter()
         compiled[name] = compile_decoding(copy.deepcopy(model))
         compile_seconds[name] = time.perf_counter() - start
@@ -133,6 +135,7 @@ def main():
             "bf16": lambda: our_decode(bf16, prompt, args.new_tokens)[0],
             "bf16 compiled": lambda: our_decode(compiled["bf16"], prompt, args.new_tokens)[0],
             "int8": lambda: our_decode(int8, prompt, args.new_tokens)[0],
+            "int8 compiled": lambda: our_decode(compiled["int8"], prompt, args.new_tokens)[0],
             "batch16": lambda: our_decode(batched, batch16, args.new_tokens)[0],
             "batch16 compiled": lambda: our_decode(compiled["batch16"], batch16, args.new_tokens)[0]}
     hf_decode(llama, prompt, 4)  # warm-up
@@ -145,7 +148,8 @@ def main():
         compile_seconds[name] += time.perf_counter() - start
     # Everything is measured once per round and the best round kept, bounds included: this machine's memory
     # bandwidth moves with its neighbours, and interleaving makes every row see the same weather.
-    passes = {**weight_passes(ours), "mv bf16": weight_passes(ours, torch.bfloat16)["mv"]}
+    passes = {**weight_passes(ours), "mv bf16": weight_passes(ours, torch.bfloat16)["mv"],
+              "int8 pass": weight_passes(ours, torch.int8)["mv"]}
     best = {name: 0.0 for name in runs}
     bounds = {name: 0.0 for name in passes}
     for _ in range(args.decode_rounds):
@@ -156,20 +160,22 @@ def main():
     _, ref_many = our_decode(ours, agreement_prompts, 64)
     agree = {name: agreement(ref_many, our_decode(model, agreement_prompts, 64)[1])
              for name, model in (("fp32 compiled", compiled["fp32"]), ("bf16", bf16),
-                                 ("bf16 compiled", compiled["bf16"]), ("int8", int8))}
+                                 ("bf16 compiled", compiled["bf16"]), ("int8", int8),
+                                 ("int8 compiled", compiled["int8"]))}
     agree["fp32"] = 1.0
     hf, bound, strict = best["hf"], bounds["mv"], bounds["x @ W"]
     rows = [("transformers generate, fp32 (baseline)", f"{hf:.1f}", "1.00", f"{hf / bound:.0%}", f"{hf / strict:.0%}", "-")]
     for name, label in (("fp32", "ours, fp32"), ("fp32 compiled", "ours, fp32, compiled step"),
                         ("bf16", "ours, bf16 weights"), ("bf16 compiled", "ours, bf16 weights, compiled step"),
-                        ("int8", "ours, int8 weights (dynamic quantization)")):
+                        ("int8", "ours, int8 weights (torchao), bf16 activations"),
+                        ("int8 compiled", "ours, int8 weights, bf16 activations, compiled step")):
         rate = best[name]
         if name.startswith("fp32"):
             of_bound = (f"{rate / bound:.0%}", f"{rate / strict:.0%}")
         elif name.startswith("bf16"):
             of_bound = (f"{rate / bounds['mv bf16']:.0%} of bf16 mv", "-")
         else:
-            of_bound = ("-", "-")
+            of_bound = (f"{rate / bounds['int8 pass']:.0%} of int8 pass", "-")
         rows.append((label, f"{rate:.1f}", f"{rate / hf:.2f}", *of_bound, f"{agree[name]:.0%}"))
     print(f"\ndecoding, batch 1, 32-token prompt, {args.new_tokens} new tokens, best of {args.decode_rounds} interleaved "
           f"rounds; one pass over all weights: torch.mv {bound:.1f} tokens/s (the weight-streaming bound), "

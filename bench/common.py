@@ -50,16 +50,20 @@ def matmul_peak(n=4096, dtype=torch.float32, device="cpu", repeats=3) -> float:
 def weight_passes(model, dtype=torch.float32) -> dict:
     """One pass over as many numbers as the model has weights, as one product (what a decode step would cost if
     that were all it did): {"mv": torch.mv on the usual (out, in) layout, the weight-streaming bound} and, for
-    fp32, {"x @ W": the (in, out) layout, which this machine's fp32 GEMV streams faster}. Callables, so a
+    fp32, {"x @ W": the (in, out) layout, which this machine's fp32 GEMV streams faster}; for int8, "mv" is torch's
+    int8-weight kernel with bf16 activations (what --quantize int8 compiles to). Callables, so a
     benchmark can time them between its other measurements."""
     n = sum(p.numel() for p in model.parameters())
     cols = model.config.dim
-    w = torch.randn(n // cols, cols, dtype=dtype)
-    x = torch.randn(cols, dtype=dtype)
+    w = torch.randn(n // cols, cols, dtype=dtype if dtype != torch.int8 else torch.float32)
+    x = torch.randn(cols, dtype=w.dtype)
     passes = {"mv": lambda: torch.mv(w, x)}
     if dtype == torch.float32:
         w_in_out = w.t().contiguous()
         passes["x @ W"] = lambda: x @ w_in_out
+    if dtype == torch.int8:  # the kernel of our int8 option: int8 weights, a scale per row, bf16 activations
+        w8, scales, x16 = w.to(torch.int8), torch.rand(w.shape[0], dtype=torch.bfloat16), x.to(torch.bfloat16)[None]
+        passes = {"mv": lambda: torch._weight_int8pack_mm(x16, w8, scales)}
     return passes
 
 

@@ -14,6 +14,9 @@ def add_inference_args(parser: argparse.ArgumentParser, ckpt: str):
     g.add_argument("--preset", default=None, help="dims for an upstream .pth (see model/LMConfig.py)")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8: int8 weights (torchao, weight-only, per row); with --dtype bfloat16 --compile the "
+                        "fastest decoding on CPU (see model/loading.py: quantize_int8)")
     g.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile: faster tokens after a one-time compilation of "
                         "tens of seconds on CPU (see model/generate.py: compile_decoding)")
@@ -64,7 +67,7 @@ def find_tokenizer(ckpt, explicit=None):
 
 def load_for_inference(args):
     """(model, tokenizer) ready for generation, as the flags of add_inference_args ask."""
-    from .loading import load_model
+    from .loading import load_model, quantize_int8
     from .tokenizer import load_tokenizer
     from .trainer import pick_device
 
@@ -72,6 +75,8 @@ def load_for_inference(args):
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = load_model(args.ckpt, device=device, dtype=dtype, preset=args.preset,
                        rope_scaling=parse_rope_scaling(args.rope_scaling))
+    if args.quantize == "int8":
+        quantize_int8(model)
     if args.compile:
         compile_decoding(model)
     tokenizer = load_tokenizer(find_tokenizer(args.ckpt, args.tokenizer))

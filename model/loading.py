@@ -6,6 +6,7 @@ folders (transformers format with `config.json`, or the `--format llama` export)
 `weights_only=True`; give `config` or `preset` unless the default dims fit). Every load is strict.
 """
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -130,3 +131,20 @@ def load_model(path, config: LMConfig | None = None, device="cpu", dtype=None, p
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval()
+
+
+def quantize_int8(model: MiniMindLM) -> MiniMindLM:
+    """Int8 weights for inference: every Linear's weight stored as int8 with one scale per output row (torchao's
+    weight-only scheme, as gpt-fast uses it); activations stay in the model's dtype. The embedding stays as it is.
+
+    It pays off compiled (`compile_decoding`): inductor fuses the dequantization into the product and calls torch's
+    int8 matrix-vector kernel, which on CPU wants bf16 activations (fp32 ones take a slow path). Eager, every step
+    dequantizes every weight and runs slower than fp32. Measured: bench/bench_model.py.
+    """
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    # Compiling works; the warning says only that the compiled graph is not cached on disk for the next process.
+    warnings.filterwarnings("ignore", message="Int8Tensor does not implement _stable_hash_for_caching")
+    model.train().eval()  # the ordinary (out, in) layout: the int8 kernel needs contiguous rows
+    quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False))
+    return model

@@ -69,10 +69,16 @@ def weight_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def plain_linear(layer: nn.Module) -> bool:
+    """A bias-free nn.Linear with an ordinary weight: not an adapter, not a quantized layer or weight (torchao's
+    quantized weights are tensor subclasses that implement `linear` and little else)."""
+    return type(layer) is nn.Linear and layer.bias is None and type(layer.weight) is nn.Parameter
+
+
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x); at inference a plain bias-free nn.Linear goes through `weight_product` (adapters, quantized
-    layers and training keep their own forward)."""
-    if type(layer) is nn.Linear and layer.bias is None and not torch.is_grad_enabled():
+    """layer(x); at inference a plain linear goes through `weight_product` (adapters, quantized layers and
+    training keep their own forward)."""
+    if plain_linear(layer) and not torch.is_grad_enabled():
         return weight_product(x, layer.weight)
     return layer(x)
 
@@ -320,8 +326,9 @@ class MiniMindLM(PreTrainedModel, GenerationMixin):
             for layer in self.layers:
                 attn = layer.attention
                 qkv = (attn.wq, attn.wk, attn.wv)
-                if not all(type(m) is nn.Linear for m in qkv):
-                    continue  # adapters or quantized layers: leave them alone
+                if not all(plain_linear(m) for m in qkv):
+                    attn.wqkv = None  # adapters or quantized layers: leave them alone, and forget an older layout
+                    continue
                 fused_linears.update(qkv)
                 weights = [m.weight for m in qkv]
                 transposed = self._transposed_is_faster(weights[0], batch_size)
@@ -335,7 +342,7 @@ class MiniMindLM(PreTrainedModel, GenerationMixin):
                     w.data = block
                 attn.wqkv, attn.wqkv_ptrs = fused, tuple(w.data_ptr() for w in weights)
             for module in self.modules():
-                if type(module) is nn.Linear and module not in fused_linears:
+                if plain_linear(module) and module not in fused_linears:
                     w = module.weight
                     transposed = self._transposed_is_faster(w, batch_size)
                     if transposed and not w.t().is_contiguous():
@@ -441,7 +448,10 @@ class MiniMindLM(PreTrainedModel, GenerationMixin):
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            # Shift the labels, not the logits: backward through a slice of the (B, T, vocab) logits would allocate and
+            # zero-fill a second gradient of their full size (105 MB at batch 8 x 512 x 6400).
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t+1
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
             if aux_loss is not None:
                 loss = loss + aux_loss
         return MiniMindOutput(loss=loss, logits=logits, cache=cache if use_cache or cache is not None else None,

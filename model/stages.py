@@ -165,8 +165,8 @@ def lora_task(args):
 # ------------------------------------------------------------------------------------------------------- DPO
 def sequence_logps(model, input_ids, labels):
     """Sum of log p(token) over the labelled tokens of each row: (B,)."""
-    logits = model(input_ids=input_ids).logits[:, :-1].float()  # (B, T-1, V)
-    targets = labels[:, 1:]
+    logits = model(input_ids=input_ids).logits.float()  # (B, T, V)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # labels shifted rather than logits sliced (see MiniMindLM)
     mask = targets != -100
     logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     return (logps * mask).sum(dim=-1)

@@ -126,6 +126,28 @@ def pick_device(flag: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def keep_freed_memory():
+    """Make glibc keep large freed blocks for reuse instead of handing them back to the OS.
+
+    By default every block over 32 MB is mmapped when allocated and unmapped when freed, so a CPU training step,
+    which allocates the same large buffers each time (logits and their gradient: 105 MB each at batch 8 x 512 x
+    6400), pays a page fault for every 4 KB of them, every step. jemalloc and tcmalloc, which Intel's PyTorch CPU
+    tuning guide recommends, keep freed memory by default; this is the same for glibc, in-process. Measured
+    (bench/bench_model.py, 26M): 8-14% faster steps, eager and compiled. The process keeps its peak memory.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return  # not glibc: nothing to set
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    mallopt(M_MMAP_MAX, 0)  # large blocks come from the heap too
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and freed ones stay there
+
+
 def resolve_precision(device_type: str, flag: str, bf16_supported: bool | None = None):
     """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
     if flag == "auto":
@@ -218,6 +240,8 @@ class Trainer:
             dist.init_process_group(backend, device_id=self.device if backend == "nccl" else None)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.master = self.rank == 0
         self.amp_dtype, use_scaler = resolve_precision(self.device.type, args.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)

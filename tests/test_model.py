@@ -307,3 +307,45 @@ def test_compiled_decoding_equals_eager_for_any_length_without_recompiling(flash
     longer = [torch.randint(3, 128, (17,)).tolist(), torch.randint(3, 128, (2,)).tolist()]
     assert run(compiled, longer, SamplingParams(max_new_tokens=30)) == run(model, longer, SamplingParams(max_new_tokens=30))
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_decoding_follows_a_cast_of_the_weights():
+    """The compiled step guards the weights it reads: after a cast to bf16 it compiles anew and gives bf16's tokens
+    instead of running the fp32 graph on bf16 weights."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from model.generate import compile_decoding
+
+    model = tiny_model()
+    compiled = compile_decoding(copy.deepcopy(model)).to(torch.bfloat16)
+    reference = copy.deepcopy(model).to(torch.bfloat16)
+    prompt = [torch.randint(3, 128, (6,)).tolist()]
+    graphs = counters["stats"]["unique_graphs"]
+    run = lambda m: torch.stack(list(generate_ids(m, prompt, SamplingParams(max_new_tokens=10), eos_token_id=-1))).tolist()  # noqa: E731
+    assert run(compiled) == run(reference)
+    assert counters["stats"]["unique_graphs"] > graphs
+
+
+def test_int8_weights():
+    """quantize_int8: every Linear's weight becomes int8 with a scale per row (torchao), logits stay near the
+    full-precision ones, and the compiled int8 step gives the eager int8 model's greedy tokens."""
+    import copy
+
+    from model.generate import compile_decoding
+    from model.loading import quantize_int8
+
+    model = tiny_model()
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+    int8 = quantize_int8(copy.deepcopy(model).to(torch.bfloat16))
+    linears = [m for m in int8.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.qdata.dtype == torch.int8 for m in linears)
+    with torch.no_grad():
+        got = int8(ids).logits.float()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    prompts = [torch.randint(3, 128, (7,)).tolist(), torch.randint(3, 128, (3,)).tolist()]
+    run = lambda m: torch.stack(list(generate_ids(m, prompts, SamplingParams(max_new_tokens=10), eos_token_id=-1))).tolist()  # noqa: E731
+    assert run(compile_decoding(copy.deepcopy(int8))) == run(int8)

@@ -115,7 +115,9 @@ def test_two_processes_match_one_with_the_same_global_batch(demo_data, tmp_path,
     args = pretrain_args(demo_data, tmp_path / "one", *flags)
     args[args.index("--batch_size") + 1] = "16"  # 2 processes x 8 = 16
     load_script("1-pretrain.py").main(args)
-    same_weights(tmp_path / "one" / "pretrain_64.safetensors", tmp_path / "two" / "pretrain_64.safetensors", 1e-5)
+    # Equal up to float summation order (DeepSpeed reduces gradients in buckets: up to 1.2e-5 seen after 4 steps);
+    # processes that each stepped on their own half of the batch (no gradient reduction) differ by about a step, lr 3e-3.
+    same_weights(tmp_path / "one" / "pretrain_64.safetensors", tmp_path / "two" / "pretrain_64.safetensors", 1e-4)
     losses = [r["loss"] for r in metrics(tmp_path / "two") if "loss" in r]
     assert losses[-1] < losses[0]
 
