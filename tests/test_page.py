@@ -54,3 +54,15 @@ def test_interactive_chat(out_dir):
                           capture_output=True, text=True, env={**os.environ})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("🤖: ") == 2
+
+
+def test_chat_with_int8_weights_and_the_compiled_step(out_dir):
+    """The fast CPU flags together, through the real script: it answers, and torchao's import (CUDA-only kernel
+    libraries it cannot load here) leaves no warnings on the user's terminal."""
+    ckpt = str(out_dir / "full_sft_64.safetensors")
+    done = subprocess.run([sys.executable, "2-eval.py", "--ckpt", ckpt, "--device", "cpu", "--max_new_tokens", "6",
+                           "--prompt", "Hi", "--dtype", "bfloat16", "--quantize", "int8", "--compile"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "🤖: " in done.stdout
+    assert "Failed to load" not in done.stderr + done.stdout and "Enum subclass" not in done.stderr, done.stderr[-2000:]
