@@ -1,5 +1,6 @@
 """Shared by the scripts that talk to a model: loading a model with its tokenizer, sampling flags, streaming."""
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -77,6 +78,9 @@ def load_for_inference(args):
                        rope_scaling=parse_rope_scaling(args.rope_scaling))
     if args.quantize == "int8":
         quantize_int8(model)
+        if device.type == "cpu" and not (args.compile and args.dtype == "bfloat16"):
+            print("note: int8 weights decode fast on CPU only with --dtype bfloat16 --compile; without them, slower "
+                  "than the plain model", file=sys.stderr)
     if args.compile:
         compile_decoding(model)
     tokenizer = load_tokenizer(find_tokenizer(args.ckpt, args.tokenizer))
