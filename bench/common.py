@@ -55,15 +55,16 @@ def weight_passes(model, dtype=torch.float32) -> dict:
     benchmark can time them between its other measurements."""
     n = sum(p.numel() for p in model.parameters())
     cols = model.config.dim
-    w = torch.randn(n // cols, cols, dtype=dtype if dtype != torch.int8 else torch.float32)
-    x = torch.randn(cols, dtype=w.dtype)
+    if dtype == torch.int8:  # the kernel of our int8 option: int8 weights, a scale per row, bf16 activations
+        w8 = torch.randint(-128, 128, (n // cols, cols), dtype=torch.int8)
+        scales, x16 = torch.rand(n // cols, dtype=torch.bfloat16), torch.randn(1, cols, dtype=torch.bfloat16)
+        return {"mv": lambda: torch._weight_int8pack_mm(x16, w8, scales)}
+    w = torch.randn(n // cols, cols, dtype=dtype)
+    x = torch.randn(cols, dtype=dtype)
     passes = {"mv": lambda: torch.mv(w, x)}
     if dtype == torch.float32:
         w_in_out = w.t().contiguous()
         passes["x @ W"] = lambda: x @ w_in_out
-    if dtype == torch.int8:  # the kernel of our int8 option: int8 weights, a scale per row, bf16 activations
-        w8, scales, x16 = w.to(torch.int8), torch.rand(w.shape[0], dtype=torch.bfloat16), x.to(torch.bfloat16)[None]
-        passes = {"mv": lambda: torch._weight_int8pack_mm(x16, w8, scales)}
     return passes
 
 
