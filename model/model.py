@@ -115,8 +115,8 @@ class Attention(nn.Module):
         out, with this check, before each call."""
         if self.wqkv is None or torch.compiler.is_compiling():
             return self.wqkv is not None
-        weights = (self.wq.weight, self.wk.weight, self.wv.weight)  # a quantized layer's `weight` is a method
-        return all(isinstance(w, torch.Tensor) for w in weights) and self.wqkv_ptrs == tuple(w.data_ptr() for w in weights)
+        qkv = (self.wq, self.wk, self.wv)  # adapters or quantized weights since the layout: not fused any more
+        return all(plain_linear(m) for m in qkv) and self.wqkv_ptrs == tuple(m.weight.data_ptr() for m in qkv)
 
     def project_qkv(self, x):
         if self.qkv_fused():
@@ -267,6 +267,14 @@ class TransformerBlock(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- the model
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) targets for (B, T) logits: position t predicts label t+1, the last position nothing (-100).
+
+    The labels are shifted, not the logits sliced: backward through a slice of the (B, T, vocab) logits would
+    allocate and zero-fill a second gradient of their full size (105 MB at batch 8 x 512 x 6400)."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
 @dataclass
 class MiniMindOutput(CausalLMOutputWithPast):
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss, already included in `loss`
@@ -448,10 +456,7 @@ class MiniMindLM(PreTrainedModel, GenerationMixin):
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
         loss = None
         if labels is not None:
-            # Shift the labels, not the logits: backward through a slice of the (B, T, vocab) logits would allocate and
-            # zero-fill a second gradient of their full size (105 MB at batch 8 x 512 x 6400).
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): position t predicts token t+1
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), next_token_targets(labels).flatten(), ignore_index=-100)
             if aux_loss is not None:
                 loss = loss + aux_loss
         return MiniMindOutput(loss=loss, logits=logits, cache=cache if use_cache or cache is not None else None,

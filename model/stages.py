@@ -13,6 +13,7 @@ from torch.utils.data import Subset
 
 from .checkpoint import save_weights
 from .dataset import DPODataset, PretrainDataset, SFTDataset, pad_collate, resolve_index
+from .model import next_token_targets
 from .trainer import Task, model_config_from_args
 
 
@@ -166,7 +167,7 @@ def lora_task(args):
 def sequence_logps(model, input_ids, labels):
     """Sum of log p(token) over the labelled tokens of each row: (B,)."""
     logits = model(input_ids=input_ids).logits.float()  # (B, T, V)
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # labels shifted rather than logits sliced (see MiniMindLM)
+    targets = next_token_targets(labels)  # (B, T)
     mask = targets != -100
     logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     return (logps * mask).sum(dim=-1)

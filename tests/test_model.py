@@ -10,6 +10,11 @@ from model.convert import llama_config, to_llama_state_dict
 from model.generate import SamplingParams, generate_ids
 
 
+def tokens(model, prompts, params):
+    """Every step's tokens of our generator, (steps, B), as lists; no EOS, so every row runs its length."""
+    return torch.stack(list(generate_ids(model, prompts, params, eos_token_id=-1))).tolist()
+
+
 def to_llama(model):
     llama = LlamaForCausalLM(llama_config(model.config)).eval()
     llama.load_state_dict(to_llama_state_dict(model.state_dict(), model.config), strict=True)
@@ -296,16 +301,12 @@ def test_compiled_decoding_equals_eager_for_any_length_without_recompiling(flash
     assert counters["stats"]["unique_graphs"] > graphs  # compiled while loading, for one row
     greedy, sampled = SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=9, temperature=1.0, seed=3)
     prompts = [torch.randint(3, 128, (9,)).tolist(), torch.randint(3, 128, (4,)).tolist()]
-
-    def run(m, prompts, params):
-        return torch.stack(list(generate_ids(m, prompts, params, eos_token_id=-1))).tolist()
-
     graphs = counters["stats"]["unique_graphs"]
-    assert run(compiled, prompts, [greedy, sampled]) == run(model, prompts, [greedy, sampled])
+    assert tokens(compiled, prompts, [greedy, sampled]) == tokens(model, prompts, [greedy, sampled])
     assert counters["stats"]["unique_graphs"] > graphs  # two rows: the compiled step ran, compiled for them
     graphs = counters["stats"]["unique_graphs"]
     longer = [torch.randint(3, 128, (17,)).tolist(), torch.randint(3, 128, (2,)).tolist()]
-    assert run(compiled, longer, SamplingParams(max_new_tokens=30)) == run(model, longer, SamplingParams(max_new_tokens=30))
+    assert tokens(compiled, longer, SamplingParams(max_new_tokens=30)) == tokens(model, longer, SamplingParams(max_new_tokens=30))
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -323,8 +324,8 @@ def test_compiled_decoding_follows_a_cast_of_the_weights():
     reference = copy.deepcopy(model).to(torch.bfloat16)
     prompt = [torch.randint(3, 128, (6,)).tolist()]
     graphs = counters["stats"]["unique_graphs"]
-    run = lambda m: torch.stack(list(generate_ids(m, prompt, SamplingParams(max_new_tokens=10), eos_token_id=-1))).tolist()  # noqa: E731
-    assert run(compiled) == run(reference)
+    params = SamplingParams(max_new_tokens=10)
+    assert tokens(compiled, prompt, params) == tokens(reference, prompt, params)
     assert counters["stats"]["unique_graphs"] > graphs
 
 
@@ -347,5 +348,5 @@ def test_int8_weights():
         got = int8(ids).logits.float()
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
     prompts = [torch.randint(3, 128, (7,)).tolist(), torch.randint(3, 128, (3,)).tolist()]
-    run = lambda m: torch.stack(list(generate_ids(m, prompts, SamplingParams(max_new_tokens=10), eos_token_id=-1))).tolist()  # noqa: E731
-    assert run(compile_decoding(copy.deepcopy(int8))) == run(int8)
+    params = SamplingParams(max_new_tokens=10)
+    assert tokens(compile_decoding(copy.deepcopy(int8)), prompts, params) == tokens(int8, prompts, params)
