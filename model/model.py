@@ -115,8 +115,12 @@ class Attention(nn.Module):
         out, with this check, before each call."""
         if self.wqkv is None or torch.compiler.is_compiling():
             return self.wqkv is not None
-        qkv = (self.wq, self.wk, self.wv)  # adapters or quantized weights since the layout: not fused any more
-        return all(plain_linear(m) for m in qkv) and self.wqkv_ptrs == tuple(m.weight.data_ptr() for m in qkv)
+        # Adapters or quantized weights since the layout: not fused any more.
+        return self.plain_qkv() and self.wqkv_ptrs == tuple(m.weight.data_ptr() for m in (self.wq, self.wk, self.wv))
+
+    def plain_qkv(self) -> bool:
+        """wq, wk, wv are plain linears (see `plain_linear`), the only ones the decoding layout fuses."""
+        return all(plain_linear(m) for m in (self.wq, self.wk, self.wv))
 
     def project_qkv(self, x):
         if self.qkv_fused():
@@ -333,10 +337,10 @@ class MiniMindLM(PreTrainedModel, GenerationMixin):
         with torch.no_grad():
             for layer in self.layers:
                 attn = layer.attention
-                qkv = (attn.wq, attn.wk, attn.wv)
-                if not all(plain_linear(m) for m in qkv):
+                if not attn.plain_qkv():
                     attn.wqkv = None  # adapters or quantized layers: leave them alone, and forget an older layout
                     continue
+                qkv = (attn.wq, attn.wk, attn.wv)
                 fused_linears.update(qkv)
                 weights = [m.weight for m in qkv]
                 transposed = self._transposed_is_faster(weights[0], batch_size)

@@ -1,13 +1,17 @@
 """The model against transformers' Llama, its cache, masks, MoE and the transformers interface."""
+import copy
+
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from conftest import tiny_config, tiny_model
 from model.LMConfig import preset_config
 from model.model import MiniMindLM
 from model.convert import llama_config, to_llama_state_dict
-from model.generate import SamplingParams, generate_ids
+from model.generate import SamplingParams, compile_decoding, generate_ids
+from model.loading import quantize_int8
 
 
 def tokens(model, prompts, params):
@@ -289,12 +293,6 @@ def test_decoding_layout_keeps_values_and_train_restores_the_training_layout(use
 def test_compiled_decoding_equals_eager_for_any_length_without_recompiling(flash):
     """compile_decoding's fixed-shape step (cache written in place, additive mask over all its columns) gives the
     eager tokens: left-padded rows, greedy beside seeded sampling; a call of other lengths reuses the graph."""
-    import copy
-
-    from torch._dynamo.utils import counters
-
-    from model.generate import compile_decoding
-
     model = tiny_model(flash_attn=flash)
     graphs = counters["stats"]["unique_graphs"]
     compiled = compile_decoding(copy.deepcopy(model))
@@ -313,12 +311,6 @@ def test_compiled_decoding_equals_eager_for_any_length_without_recompiling(flash
 def test_compiled_decoding_follows_a_cast_of_the_weights():
     """The compiled step guards the weights it reads: after a cast to bf16 it compiles anew and gives bf16's tokens
     instead of running the fp32 graph on bf16 weights."""
-    import copy
-
-    from torch._dynamo.utils import counters
-
-    from model.generate import compile_decoding
-
     model = tiny_model()
     compiled = compile_decoding(copy.deepcopy(model)).to(torch.bfloat16)
     reference = copy.deepcopy(model).to(torch.bfloat16)
@@ -332,11 +324,6 @@ def test_compiled_decoding_follows_a_cast_of_the_weights():
 def test_int8_weights():
     """quantize_int8: every Linear's weight becomes int8 with a scale per row (torchao), logits stay near the
     full-precision ones, and the compiled int8 step gives the eager int8 model's greedy tokens."""
-    import copy
-
-    from model.generate import compile_decoding
-    from model.loading import quantize_int8
-
     model = tiny_model()
     ids = torch.randint(3, 128, (2, 12))
     with torch.no_grad():
