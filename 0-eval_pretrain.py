@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from model.chat import add_inference_args, load_for_inference, sampling_from_args, stream_to
+from model.errors import run_script
 
 PROMPTS = ["The capital of France is", "中国的首都是", "Water boils at", "一年有", "The day after Monday is",
            "长江是", "The highest mountain in the world is", "万有引力定律是"]
@@ -27,4 +28,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -7,6 +7,7 @@ Result: out/pretrain_{dim}[_moe].safetensors; run folder out/pretrain_{dim}[_moe
 """
 import argparse
 
+from model.errors import run_script
 from model.stages import pretrain_task
 from model.trainer import Trainer, add_model_args, add_train_args
 
@@ -21,4 +22,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

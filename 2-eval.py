@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from model.chat import add_inference_args, load_for_inference, sampling_from_args, stream_to
+from model.errors import run_script
 from model.evaluation import chat_prompt
 from model.io import read_questions
 
@@ -46,4 +47,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

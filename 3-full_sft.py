@@ -6,6 +6,7 @@ Result: out/full_sft_{dim}[_moe].safetensors.
 """
 import argparse
 
+from model.errors import run_script
 from model.stages import sft_task
 from model.trainer import Trainer, add_model_args, add_train_args
 
@@ -22,4 +23,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -6,6 +6,7 @@ out/lora_sft_{dim}_merged.safetensors.
 """
 import argparse
 
+from model.errors import run_script
 from model.stages import LORA_TARGETS, lora_task
 from model.trainer import Trainer, add_train_args
 
@@ -25,4 +26,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -7,6 +7,7 @@ out/dpo_{dim}_merged.safetensors).
 """
 import argparse
 
+from model.errors import run_script
 from model.stages import dpo_task
 from model.trainer import Trainer, add_train_args
 
@@ -26,4 +27,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

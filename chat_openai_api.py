@@ -9,6 +9,7 @@ import sys
 
 from openai import OpenAI, OpenAIError
 
+from model.errors import run_script
 from model.io import read_questions
 
 
@@ -61,4 +62,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

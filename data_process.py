@@ -6,8 +6,8 @@
     python data_process.py dpo      --input FILE(.jsonl|.json) --output FILE.jsonl
 """
 import argparse
-import sys
 
+from model.errors import run_script
 from model.processing import normalize_file, tokenize_pretrain
 
 
@@ -40,29 +40,24 @@ def main(argv=None):
         p.add_argument("--min_zh_ratio", type=float, default=0.0, help="drop rows with fewer Chinese characters")
 
     args = parser.parse_args(argv)
-    try:
-        if args.command == "demo":
-            from model.demo_corpus import write_demo
+    if args.command == "demo":
+        from model.demo_corpus import write_demo
 
-            for name, rows in write_demo(args.out_dir, args.seed, args.pretrain_repeats, args.held_out).items():
-                print(f"{rows:>8}  {name}")
-            print(f"demo corpus written to {args.out_dir}")
-        elif args.command == "pretrain":
-            from model.tokenizer import DEFAULT_TOKENIZER_DIR
+        for name, rows in write_demo(args.out_dir, args.seed, args.pretrain_repeats, args.held_out).items():
+            print(f"{rows:>8}  {name}")
+        print(f"demo corpus written to {args.out_dir}")
+    elif args.command == "pretrain":
+        from model.tokenizer import DEFAULT_TOKENIZER_DIR
 
-            index = tokenize_pretrain(args.input, args.out_dir, args.tokenizer or DEFAULT_TOKENIZER_DIR, args.workers,
-                                      args.val_every, args.min_chars, args.max_chars, args.shard_tokens)
-            print(f"{index['docs']} documents -> {index['train_tokens']} train + {index['val_tokens']} val tokens "
-                  f"in {args.out_dir} ({index['seconds']} s); {index['filtered']} filtered by length; "
-                  f"{index['bad'].report()}")
-        else:
-            result = normalize_file(args.input, args.output, args.command, args.max_chars, args.min_zh_ratio)
-            print(f"{result['kept']} rows -> {args.output}; {result['filtered']} filtered; {result['bad'].report()}")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        index = tokenize_pretrain(args.input, args.out_dir, args.tokenizer or DEFAULT_TOKENIZER_DIR, args.workers,
+                                  args.val_every, args.min_chars, args.max_chars, args.shard_tokens)
+        print(f"{index['docs']} documents -> {index['train_tokens']} train + {index['val_tokens']} val tokens "
+              f"in {args.out_dir} ({index['seconds']} s); {index['filtered']} filtered by length; "
+              f"{index['bad'].report()}")
+    else:
+        result = normalize_file(args.input, args.output, args.command, args.max_chars, args.min_zh_ratio)
+        print(f"{result['kept']} rows -> {args.output}; {result['filtered']} filtered; {result['bad'].report()}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

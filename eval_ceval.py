@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from model.chat import add_inference_args, load_for_inference
+from model.errors import run_script
 from model.evaluation import ceval_evaluate, ceval_markdown, write_ceval_report
 
 
@@ -35,4 +36,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -8,9 +8,9 @@ hf: AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True); llama: no
 gguf: dir/minimind.gguf for llama.cpp (`llama-cli -m dir/minimind.gguf`).
 """
 import argparse
-import sys
 
 from model.chat import find_tokenizer
+from model.errors import run_script
 from model.export import export_gguf, export_hf, export_llama
 from model.loading import load_model
 from model.tokenizer import load_tokenizer
@@ -35,15 +35,12 @@ def main(argv=None):
 
         model = PeftModel.from_pretrained(model, args.lora).merge_and_unload()
     tokenizer = load_tokenizer(find_tokenizer(args.ckpt, args.tokenizer))
-    try:
-        if args.format == "hf":
-            out = export_hf(model, tokenizer, args.out_dir)
-        elif args.format == "llama":
-            out = export_llama(model, tokenizer, args.out_dir)
-        else:
-            out = export_gguf(model, tokenizer, f"{args.out_dir}/minimind.gguf", args.gguf_dtype)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    if args.format == "hf":
+        out = export_hf(model, tokenizer, args.out_dir)
+    elif args.format == "llama":
+        out = export_llama(model, tokenizer, args.out_dir)
+    else:
+        out = export_gguf(model, tokenizer, f"{args.out_dir}/minimind.gguf", args.gguf_dtype)
     print(f"exported {args.ckpt} ({args.format}) -> {out}")
     if args.push_to_hub:
         from huggingface_hub import HfApi
@@ -54,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

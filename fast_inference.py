@@ -11,6 +11,7 @@ import sys
 import streamlit as st
 
 from model.chat import find_checkpoints
+from model.errors import PATH_ERRORS, ReportedError
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out_dir", default=os.environ.get("MINIMIND_OUT_DIR", "out"))
@@ -46,7 +47,11 @@ with st.sidebar:
     if st.button("clear chat"):
         st.session_state.messages = []
 
-model, tokenizer = load(ckpt, args.tokenizer)
+try:
+    model, tokenizer = load(ckpt, args.tokenizer)
+except (ReportedError, *PATH_ERRORS) as e:
+    st.error(f"cannot load {ckpt}: {e}")
+    st.stop()
 st.session_state.setdefault("messages", [])
 for m in st.session_state.messages:
     with st.chat_message(m["role"]):

@@ -9,6 +9,7 @@ import os
 import uvicorn
 
 from model.chat import add_inference_args, load_for_inference, parse_rope_scaling
+from model.errors import run_script
 from model.server import create_app
 
 
@@ -38,4 +39,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

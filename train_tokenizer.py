@@ -6,6 +6,7 @@ import argparse
 import itertools
 import time
 
+from model.errors import run_script
 from model.io import BadRows
 from model.tokenizer import chars_per_token, read_texts, save, train_bpe, wrap
 
@@ -36,4 +37,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -6,6 +6,8 @@ names (`hidden_size`, `num_hidden_layers`, ...) while our code keeps upstream's 
 """
 from transformers import PretrainedConfig
 
+from .errors import InputError
+
 
 class LMConfig(PretrainedConfig):
     model_type = "minimind"
@@ -59,17 +61,17 @@ class LMConfig(PretrainedConfig):
 
     def validate_shapes(self):
         if self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            raise InputError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+            raise InputError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"head dim ({self.dim // self.n_heads}) must be even for rotary embeddings")
+            raise InputError(f"head dim ({self.dim // self.n_heads}) must be even for rotary embeddings")
         if self.use_moe and not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
-            raise ValueError("num_experts_per_tok must be between 1 and n_routed_experts")
+            raise InputError("num_experts_per_tok must be between 1 and n_routed_experts")
         if self.scoring_func != "softmax":
-            raise ValueError(f"unsupported scoring_func {self.scoring_func!r} (only 'softmax')")
+            raise InputError(f"unsupported scoring_func {self.scoring_func!r} (only 'softmax')")
         if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("linear", "yarn"):
-            raise ValueError(f"rope_scaling type must be 'linear' or 'yarn', got {self.rope_scaling!r}")
+            raise InputError(f"rope_scaling type must be 'linear' or 'yarn', got {self.rope_scaling!r}")
 
     @property
     def head_dim(self) -> int:
@@ -88,5 +90,5 @@ PRESETS = {
 
 def preset_config(name: str, **overrides) -> LMConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return LMConfig(**{**PRESETS[name], **overrides})

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .generate import SamplingParams, compile_decoding, stream_text
 
 
@@ -85,7 +86,7 @@ def load_for_inference(args):
         compile_decoding(model)
     tokenizer = load_tokenizer(find_tokenizer(args.ckpt, args.tokenizer))
     if len(tokenizer) > model.config.vocab_size:
-        raise SystemExit(f"the tokenizer ({len(tokenizer)} tokens) does not fit the model (vocab "
+        raise InputError(f"the tokenizer ({len(tokenizer)} tokens) does not fit the model (vocab "
                          f"{model.config.vocab_size}); pass the --tokenizer the model was trained with")
     return model, tokenizer
 

@@ -12,13 +12,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import InputError
 from .io import atomic_writer
 
 
-class CheckpointMismatch(RuntimeError):
+class CheckpointMismatch(InputError):
     """Weights that do not fit the model: names what is missing, unexpected or mis-shaped."""
 
     def __init__(self, missing, unexpected, mismatched, source=""):
@@ -87,8 +88,11 @@ def save_weights(path, state: dict, config=None, metadata: dict | None = None):
 
 def read_weights(path) -> tuple[dict, dict]:
     """(state dict, header metadata) of a safetensors file."""
-    with safe_open(str(path), framework="pt") as f:
-        state, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except SafetensorError as e:
+        raise InputError(f"{path} is not a readable safetensors file ({e})") from e
     for alias, original in json.loads(meta.get("aliases", "{}")).items():
         state[alias] = state[original]
     return state, meta
@@ -162,7 +166,7 @@ class CheckpointManager:
     def load(path: Path) -> tuple[dict, dict]:
         problem = CheckpointManager.verify(Path(path))
         if problem:
-            raise RuntimeError(f"checkpoint {path} is damaged: {problem}")
+            raise InputError(f"checkpoint {path} is damaged: {problem}")
         state, _ = read_weights(Path(path) / "model.safetensors")
         train_state = torch.load(Path(path) / "train_state.pt", weights_only=True, map_location="cpu")
         return state, train_state

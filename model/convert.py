@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig
 
 from .LMConfig import LMConfig
+from .errors import InputError
 
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -22,7 +23,7 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def llama_config(config: LMConfig, **extra) -> LlamaConfig:
     if config.use_moe:
-        raise ValueError("the Llama format holds dense models only; export a MoE model in the default (hf) format")
+        raise InputError("the Llama format holds dense models only; export a MoE model in the default (hf) format")
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling:
         rope = {"rope_type": config.rope_scaling["type"], "rope_theta": config.rope_theta,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .errors import InputError
 from .io import BadRows, parse_line
 from .processing import normalize_dpo, normalize_sft
 from .tokenizer import encode_chat
@@ -27,7 +28,7 @@ def resolve_index(data_path) -> Path:
     if path.is_dir():
         path = path / "index.json"
     if path.suffix == ".jsonl" or path.suffix == ".json" and path.name != "index.json":
-        raise ValueError(f"{data_path} is raw text; tokenize it first: "
+        raise InputError(f"{data_path} is raw text; tokenize it first: "
                          f"python data_process.py pretrain --input {data_path} --out_dir DIR")
     if not path.exists():
         raise FileNotFoundError(f"no token index at {path} (run `python data_process.py pretrain` first)")
@@ -52,7 +53,7 @@ class PretrainDataset(Dataset):
         self.length = total
         self.vocab_size = index.get("vocab_size")
         if total == 0:
-            raise ValueError(f"{index_path} has no {split} window of {seq_len} tokens")
+            raise InputError(f"{index_path} has no {split} window of {seq_len} tokens")
 
     def __len__(self):
         return self.length
@@ -76,7 +77,7 @@ class JsonlRows:
                     offsets.append(pos)
                 pos += len(line)
         if not offsets:
-            raise ValueError(f"{path} has no rows")
+            raise InputError(f"{path} has no rows")
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self._file, self._pid = None, None
 
@@ -93,7 +94,7 @@ class JsonlRows:
         bad = BadRows()
         record = parse_line(self.raw(i), i + 1, bad, normalize)
         if record is None:
-            raise ValueError(f"{self.path}, row {i + 1}: {bad.report()}. "
+            raise InputError(f"{self.path}, row {i + 1}: {bad.report()}. "
                              f"Clean the file with `python data_process.py` first.")
         return record
 

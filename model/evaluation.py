@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .generate import SamplingParams, generate_text
 from .prompts import CHOICES, ceval_question
 
@@ -54,7 +55,7 @@ def read_ceval_split(data_dir, split: str) -> dict[str, list[dict]]:
             rows = list(csv.DictReader(fh))
         missing = {"id", "question", *CHOICES, "answer"} - set(rows[0] if rows else {})
         if missing:
-            raise ValueError(f"{f} lacks columns {sorted(missing)}")
+            raise InputError(f"{f} lacks columns {sorted(missing)}")
         subjects[f.name[: -len(f"_{split}.csv")]] = rows
     return subjects
 

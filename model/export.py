@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 
 from .convert import llama_config, to_llama_state_dict
+from .errors import InputError
 
-CODE_FILES = ("LMConfig.py", "model.py")
+CODE_FILES = ("LMConfig.py", "model.py", "errors.py")  # what trust_remote_code imports
 
 
 def generation_config(tokenizer, config):
@@ -84,7 +85,7 @@ def export_gguf(model, tokenizer, path, dtype: str = "f32") -> Path:
 
     cfg = model.config
     if cfg.use_moe:
-        raise ValueError("GGUF export covers dense models")
+        raise InputError("GGUF export covers dense models")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

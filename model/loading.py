@@ -6,6 +6,7 @@ folders (transformers format with `config.json`, or the `--format llama` export)
 `weights_only=True`; give `config` or `preset` unless the default dims fit). Every load is strict.
 """
 import json
+import pickle
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from .checkpoint import read_weights, strict_load
 from .LMConfig import LMConfig, preset_config
+from .errors import InputError
 from .model import MiniMindLM, rope_inv_freq
 
 UPSTREAM_BUFFERS = ("pos_cis", "freqs_cis", "mask")  # non-weight buffers old upstream files may carry
@@ -74,7 +76,7 @@ def load_state(path, config: LMConfig | None = None, preset: str | None = None) 
     path = resolve_path(path)
     if path.is_dir():
         if (path / "adapter_config.json").exists():
-            raise ValueError(f"{path} is a LoRA adapter; use load_model(), which applies it to its base")
+            raise InputError(f"{path} is a LoRA adapter; use load_model(), which applies it to its base")
         cfg_file = path / "config.json"
         if cfg_file.exists() and json.loads(cfg_file.read_text()).get("model_type") == "llama":
             from transformers import LlamaConfig
@@ -87,17 +89,24 @@ def load_state(path, config: LMConfig | None = None, preset: str | None = None) 
         state, meta = read_weights(path / "model.safetensors")
         cfg = config or _config_from(meta, path / "model.safetensors", None)
         if cfg is None:
-            raise ValueError(f"{path} has no config; pass config= or --preset")
+            raise InputError(f"{path} has no config; pass config= or --preset")
         return clean_keys(state), cfg
     if path.suffix == ".safetensors":
         state, meta = read_weights(path)
         cfg = _config_from(meta, path, config)
     elif path.suffix in (".pth", ".pt", ".bin"):
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            # weights_only refuses anything but tensors and plain containers; its message says which object.
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            reason = next((line for line in lines if "unsupported" in line.lower()), lines[0])
+            raise InputError(f"{path} is not a plain state dict of tensors, and unpickling anything else could run "
+                             f"code, so it is not loaded ({reason})") from e
         state = raw.get("model", raw) if isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict) else raw
         cfg = config
     else:
-        raise ValueError(f"unsupported checkpoint {path} (expected .safetensors, .pth, or a folder)")
+        raise InputError(f"unsupported checkpoint {path} (expected .safetensors, .pth, or a folder)")
     state = clean_keys(state)
     if cfg is None:
         cfg = preset_config(preset) if preset else infer_config(state)
@@ -113,7 +122,7 @@ def load_model(path, config: LMConfig | None = None, device="cpu", dtype=None, p
 
         base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base_path:
-            raise ValueError(f"{path}/adapter_config.json names no base model")
+            raise InputError(f"{path}/adapter_config.json names no base model")
         base = load_model(base_path, config, device, dtype, preset, rope_scaling)
         model = PeftModel.from_pretrained(base, str(path))
         return (model.merge_and_unload() if merge_lora else model).eval()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .errors import InputError
 from .io import BadRows, atomic_writer, iter_json_records, parse_line, text_field
 
 ROLES = ("system", "user", "assistant")
@@ -134,7 +135,7 @@ def normalize_file(input_path, output_path, kind: str, max_chars: int = 0, min_z
             if kept % 1000 == 0:
                 bar.set_postfix(rows=kept, bad=bad.total)
         if kept == 0:
-            raise ValueError(f"no valid rows in {input_path}; {bad.report()}")
+            raise InputError(f"no valid rows in {input_path}; {bad.report()}")
     bar.close()
     return {"kept": kept, "filtered": filtered, "bad": bad}
 
@@ -256,13 +257,13 @@ def tokenize_pretrain(input_path, out_dir, tokenizer_dir, workers: int = 0, val_
 
     with open(input_path, "rb") as f:
         if f.read(64).lstrip().startswith(b"["):
-            raise ValueError(f"{input_path} is one JSON array; pretraining text must be JSON lines (one object a line)")
+            raise InputError(f"{input_path} is one JSON array; pretraining text must be JSON lines (one object a line)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
     tok = Tokenizer.from_file(str(tokenizer_file))
     if tok.get_vocab_size() > 65535:
-        raise ValueError(f"vocab of {tok.get_vocab_size()} does not fit uint16 shards")
+        raise InputError(f"vocab of {tok.get_vocab_size()} does not fit uint16 shards")
     eos_id = tok.token_to_id("</s>")
     workers = workers or os.cpu_count() or 1
     writers = {False: ShardWriter(out_dir, "train", shard_tokens), True: ShardWriter(out_dir, "val", shard_tokens)}
@@ -304,7 +305,7 @@ def tokenize_pretrain(input_path, out_dir, tokenizer_dir, workers: int = 0, val_
                 consume(future.result())
     bar.close()
     if totals["docs"] == 0:
-        raise ValueError(f"no valid documents in {input_path}; {bad.report()}")
+        raise InputError(f"no valid documents in {input_path}; {bad.report()}")
     index = {"format": "minimind-tokens-v1", "dtype": "uint16", "eos_id": eos_id, "vocab_size": tok.get_vocab_size(),
              "tokenizer": str(tokenizer_dir), "source": str(input_path), **totals,
              "train": writers[False].close(), "val": writers[True].close(),

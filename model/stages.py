@@ -13,6 +13,7 @@ from torch.utils.data import Subset
 
 from .checkpoint import save_weights
 from .dataset import DPODataset, PretrainDataset, SFTDataset, pad_collate, resolve_index
+from .errors import InputError
 from .model import next_token_targets
 from .trainer import Task, model_config_from_args
 
@@ -85,7 +86,7 @@ def pretrain_task(args):
     config = model_config_from_args(args, max_seq_len=args.max_seq_len)
     train = PretrainDataset(args.data_path, args.max_seq_len, "train")
     if train.vocab_size and train.vocab_size > config.vocab_size:
-        raise ValueError(f"the data was tokenized with a vocabulary of {train.vocab_size}; the model has "
+        raise InputError(f"the data was tokenized with a vocabulary of {train.vocab_size}; the model has "
                          f"{config.vocab_size} (set --vocab_size)")
     try:
         val = PretrainDataset(args.val_path or args.data_path, args.max_seq_len, "val")

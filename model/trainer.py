@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .checkpoint import CheckpointManager, check_state
+from .errors import InputError, ReportedError
 from .io import atomic_writer
 
 
@@ -109,8 +110,8 @@ class Task:
     count_tokens: Callable = lambda batch: int(batch["input_ids"].numel())
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(ReportedError, RuntimeError):
+    """The loss turned NaN or infinite; the message names the step, the checkpoint kept and what to change."""
 
 
 def pick_device(flag: str, local_rank: int = 0) -> torch.device:
@@ -255,7 +256,7 @@ class Trainer:
         self.accum = max(1, args.accumulation_steps)
         self.steps_per_epoch = len(self.make_sampler(0)) // args.batch_size // self.accum
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(task.train_data)} training samples give no full step of batch_size "
+            raise InputError(f"{len(task.train_data)} training samples give no full step of batch_size "
                              f"{args.batch_size} x accumulation {self.accum} x {self.world} processes")
         total = self.steps_per_epoch * args.epochs
         self.total_steps = min(total, args.max_steps) if args.max_steps else total

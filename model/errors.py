@@ -1,0 +1,28 @@
+"""Problems a user can fix, and the one place the scripts turn them into a message instead of a traceback."""
+import sys
+
+
+class ReportedError(Exception):
+    """A problem whose message says what is wrong and what to do; a script prints the message alone."""
+
+
+class InputError(ReportedError, ValueError):
+    """Input that cannot be used: a missing or malformed file, a checkpoint that does not fit, contradicting flags."""
+
+
+# The file-system errors a script's own arguments cause (a mistyped path, a folder given for a file); their
+# messages name the path. Other OSErrors (a full disk, a dropped connection) keep their traceback.
+PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def run_script(main):
+    """Run a script's `main()`. A ReportedError or a bad path ends the script with 'error: <message>' on stderr
+    and exit status 1, Ctrl-C with status 130 and no traceback; any other exception keeps its traceback."""
+    try:
+        main()
+    except (ReportedError, *PATH_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,78 @@
+"""Bad input through the real scripts: one line that says what is wrong, exit status 1, never a traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_model
+from model.checkpoint import save_weights
+from model.errors import InputError
+from model.loading import load_model
+
+
+class RunsShellCommand:
+    """A pickle that runs a shell command when loaded (what an untrusted .pth can carry)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    torch.save({"model": RunsShellCommand(f"touch {root / 'payload_ran'}")}, root / "payload.pth")
+    (root / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a json header}")
+    state = tiny_model().state_dict()
+    del state["norm.weight"]
+    torch.save(state, root / "missing_norm.pth")
+    return root
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("2-eval.py", ["--ckpt", "{root}/nowhere.safetensors", "--prompt", "Hi"], "no checkpoint at {root}/nowhere"),
+    ("2-eval.py", ["--ckpt", "{root}/garbage.safetensors", "--prompt", "Hi"], "{root}/garbage.safetensors is not a readable safetensors file (Error while deserializing header"),
+    ("0-eval_pretrain.py", ["--ckpt", "{root}/missing_norm.pth"],
+     "checkpoint {root}/missing_norm.pth does not match the model:\n  missing keys (1): norm.weight\n"),
+    ("eval_ceval.py", ["--ckpt", "{root}/missing_norm.pth", "--data_dir", "{root}"],
+     "checkpoint {root}/missing_norm.pth does not match the model:\n  missing keys (1): norm.weight\n"),
+    ("1-pretrain.py", ["--data_path", "{root}/no_tokens", "--preset", "demo", "--out_dir", "{root}/out"],
+     "no token index at {root}/no_tokens"),
+])
+def test_scripts_report_bad_input_in_one_line(bad_inputs, script, args, message):
+    done = run(script, *(a.format(root=bad_inputs) for a in args))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"error: {message.format(root=bad_inputs)}" in done.stderr
+
+
+def test_a_pickle_that_runs_code_is_refused_unexecuted(bad_inputs):
+    done = run("2-eval.py", "--ckpt", bad_inputs / "payload.pth", "--prompt", "Hi")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "is not a plain state dict of tensors" in done.stderr and "system" in done.stderr
+    assert not (bad_inputs / "payload_ran").exists()
+    with pytest.raises(InputError, match="could run code"):  # the same through the library
+        load_model(bad_inputs / "payload.pth")
+    assert not (bad_inputs / "payload_ran").exists()
+
+
+def test_chat_page_shows_a_load_error(bad_inputs, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    model = tiny_model()
+    save_weights(bad_inputs / "page" / "full_sft_64.safetensors", model.state_dict(), model.config)
+    monkeypatch.setenv("MINIMIND_OUT_DIR", str(bad_inputs / "page"))
+    monkeypatch.setenv("MINIMIND_CKPT", str(bad_inputs / "garbage.safetensors"))
+    monkeypatch.chdir(ROOT)
+    app = AppTest.from_file(str(ROOT / "fast_inference.py"), default_timeout=120)
+    app.run()
+    assert not app.exception
+    assert "is not a readable safetensors file" in app.error[0].value
