@@ -35,7 +35,9 @@ def error_body(message, kind="invalid_request_error", param=None, code=None):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use; they are ignored
+    # Fields we do not use are ignored (OpenAI clients send many); the ones we use keep their JSON types, as
+    # OpenAI checks them: "stream": "yes" or "max_tokens": "12" is a 400, not a guess.
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = None
     messages: list
     stream: bool = False
@@ -155,8 +157,9 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         if first.get("type") == "json_invalid":
             return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
-        return JSONResponse(error_body(f"{where}: {first.get('msg', 'invalid value')}", param=where or None),
-                            status_code=400)
+        message = first.get("msg", "invalid value")
+        return JSONResponse(error_body(f"{where}: {message}" if where else f"the request body: {message}",
+                                       param=where or None), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, e: StarletteHTTPException):

@@ -115,6 +115,10 @@ BAD_REQUESTS = [
      "temperature"),
     ("n > 1", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
     ("max_tokens wrong type", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "max_tokens"),
+    ("body not an object", [{"role": "user", "content": "hi"}], None),
+    ("stream not a boolean", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+    ("max_tokens a numeric string", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "12"},
+     "max_tokens"),
 ]
 
 
@@ -131,6 +135,8 @@ def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, name, body, pa
         assert error["param"] == param
     if name == "prompt too long":
         assert error["code"] == "context_length_exceeded"
+    if name == "body not an object":
+        assert error["message"].startswith("the request body: ") and error["param"] is None
 
 
 def test_unknown_path_is_a_404_with_an_error_body(server):
