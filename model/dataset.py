@@ -90,12 +90,22 @@ class JsonlRows:
         self._file.seek(int(self.offsets[i]))
         return self._file.readline()
 
+    def line_number(self, i) -> int:
+        """The 1-based line of row i (blank lines are no rows), counted from the start of the file: only a bad row
+        needs it, so the index keeps no line numbers."""
+        remaining, lines = int(self.offsets[i]), 1
+        with open(self.path, "rb") as f:
+            while remaining:
+                chunk = f.read(min(remaining, 1 << 24))
+                lines, remaining = lines + chunk.count(b"\n"), remaining - len(chunk)
+        return lines
+
     def parse(self, i, normalize):
         bad = BadRows()
-        record = parse_line(self.raw(i), i + 1, bad, normalize)
+        record = parse_line(self.raw(i), 0, bad, normalize)  # 0: the line number is looked up only if it is bad
         if record is None:
-            raise InputError(f"{self.path}, row {i + 1}: {bad.report()}. "
-                             f"Clean the file with `python data_process.py` first.")
+            raise InputError(f"{self.path}, line {self.line_number(i)}: {next(iter(bad.counts))}. Clean the file with "
+                             f"`python data_process.py sft|dpo` first: it skips bad rows and reports them.")
         return record
 
     def __getstate__(self):  # file handles do not cross process boundaries

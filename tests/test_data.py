@@ -10,6 +10,7 @@ import torch
 
 from conftest import ROOT
 from model.dataset import DPODataset, PretrainDataset, SFTDataset, pad_collate
+from model.errors import InputError
 from model.io import BadRows, read_jsonl
 from model.processing import normalize_dpo, normalize_file, tokenize_pretrain
 from model.tokenizer import encode_chat, load_tokenizer
@@ -264,6 +265,17 @@ def test_sft_and_dpo_datasets(demo_data):
     pair = dpo[0]
     prompt_len = int((pair["chosen_labels"] == -100).sum())
     assert torch.equal(pair["chosen_input_ids"][:prompt_len], pair["rejected_input_ids"][:prompt_len])
+
+
+def test_a_bad_row_met_in_training_names_its_file_line(demo_data, tmp_path):
+    """SFT/DPO rows are parsed as they are read; one that cannot be is reported at its line (blank lines count)."""
+    tok = load_tokenizer(demo_data / "tokenizer")
+    src = tmp_path / "sft.jsonl"
+    src.write_text('{"instruction": "q", "output": "a"}\n\n\n{"instruction": "q"\n{"instruction": "q", "output": "b"}\n')
+    sft = SFTDataset(src, tok, max_length=64)
+    assert len(sft) == 3 and sft[2]["input_ids"].numel() > 0
+    with pytest.raises(InputError, match=f"{src}, line 4: malformed JSON. Clean the file"):
+        sft[1]
 
 
 def test_stop_strings_and_max_new_tokens(demo_data):
