@@ -18,8 +18,8 @@ def main(argv=None):
     parser.add_argument("--prompt", action="append", help="a text to continue (repeatable); default: a built-in set")
     parser.set_defaults(max_new_tokens=64, temperature=0.0)
     args = parser.parse_args(argv)
+    params = sampling_from_args(args)  # checked before the model loads
     model, tokenizer = load_for_inference(args)
-    params = sampling_from_args(args)
     for prompt in args.prompt or PROMPTS:
         ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
         sys.stdout.write(f"\n[prompt] {prompt}\n[continuation] {prompt}")

@@ -25,8 +25,8 @@ def main(argv=None):
     parser.add_argument("--history", type=int, default=0, help="earlier turns the model sees (0: single-turn)")
     parser.add_argument("--system", default=None, help="a system message")
     args = parser.parse_args(argv)
+    params = sampling_from_args(args)  # checked before the model loads
     model, tokenizer = load_for_inference(args)
-    params = sampling_from_args(args)
     history = []
 
     def answer(question):

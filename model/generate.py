@@ -15,6 +15,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .errors import InputError
+
 
 class KVCache:
     """Preallocated keys/values, one (B, K, capacity, D) buffer per layer. Grows if a call runs past it.
@@ -93,6 +95,15 @@ class SamplingParams:
     stop: Sequence[str] = ()
     seed: int | None = None
 
+    def __post_init__(self):
+        for name, ok, rule in (("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+                               ("temperature", self.temperature >= 0, "0 (greedy) or more"),
+                               ("top_k", self.top_k >= 0, "0 (off) or more"),
+                               ("top_p", 0 <= self.top_p <= 1, "between 0 and 1"),
+                               ("repetition_penalty", self.repetition_penalty > 0, "above 0 (1: off)")):
+            if not ok:
+                raise InputError(f"{name} must be {rule}, got {getattr(self, name)}")
+
 
 def apply_repetition_penalty(logits, history, penalty):
     """Make every token in `history` (B, L) less likely: positive logits divided, negative multiplied.
@@ -111,6 +122,7 @@ def filter_top_k_top_p(logits, top_k: torch.Tensor, top_p: torch.Tensor):
     drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
     probs = sorted_logits.softmax(dim=-1)
     drop |= (top_p[:, None] < 1) & ((probs.cumsum(dim=-1) - probs) >= top_p[:, None])  # keep while mass before < top_p
+    drop &= rank > 0  # the most likely token always stays (top_p=0 means greedy, not nothing)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 

@@ -27,7 +27,9 @@ def bad_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     torch.save({"model": RunsShellCommand(f"touch {root / 'payload_ran'}")}, root / "payload.pth")
     (root / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a json header}")
-    state = tiny_model().state_dict()
+    model = tiny_model()
+    save_weights(root / "page" / "full_sft_64.safetensors", model.state_dict(), model.config)
+    state = model.state_dict()
     del state["norm.weight"]
     torch.save(state, root / "missing_norm.pth")
     return root
@@ -44,6 +46,8 @@ def run(script, *args):
      "checkpoint {root}/missing_norm.pth does not match the model:\n  missing keys (1): norm.weight\n"),
     ("eval_ceval.py", ["--ckpt", "{root}/missing_norm.pth", "--data_dir", "{root}"],
      "checkpoint {root}/missing_norm.pth does not match the model:\n  missing keys (1): norm.weight\n"),
+    ("2-eval.py", ["--ckpt", "{root}/page/full_sft_64.safetensors", "--prompt", "Hi", "--temperature", "-1"],
+     "temperature must be 0 (greedy) or more, got -1.0"),
     ("1-pretrain.py", ["--data_path", "{root}/no_tokens", "--preset", "demo", "--out_dir", "{root}/out"],
      "no token index at {root}/no_tokens"),
 ])
@@ -67,8 +71,6 @@ def test_a_pickle_that_runs_code_is_refused_unexecuted(bad_inputs):
 def test_chat_page_shows_a_load_error(bad_inputs, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    model = tiny_model()
-    save_weights(bad_inputs / "page" / "full_sft_64.safetensors", model.state_dict(), model.config)
     monkeypatch.setenv("MINIMIND_OUT_DIR", str(bad_inputs / "page"))
     monkeypatch.setenv("MINIMIND_CKPT", str(bad_inputs / "garbage.safetensors"))
     monkeypatch.chdir(ROOT)

@@ -10,6 +10,7 @@ from conftest import tiny_config, tiny_model
 from model.LMConfig import preset_config
 from model.model import MiniMindLM
 from model.convert import llama_config, to_llama_state_dict
+from model.errors import InputError
 from model.generate import SamplingParams, compile_decoding, generate_ids
 from model.loading import quantize_int8
 
@@ -256,6 +257,16 @@ def test_sampling_is_seeded_per_row_and_repetition_penalty_respects_sign(model):
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     penalised = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), torch.tensor([[2.0]]))
     assert penalised.tolist() == [[1.0, -4.0, 1.0]]  # both seen tokens became less likely
+
+
+def test_top_p_zero_samples_the_most_likely_token_and_bad_settings_are_refused(model):
+    prompt = torch.randint(3, 128, (6,)).tolist()
+    greedy = [int(t) for t in generate_ids(model, [prompt], SamplingParams(max_new_tokens=12), eos_token_id=-1)]
+    nucleus_of_one = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.0, seed=5)
+    assert [int(t) for t in generate_ids(model, [prompt], nucleus_of_one, eos_token_id=-1)] == greedy
+    for bad in ({"temperature": -1}, {"top_p": 1.5}, {"top_k": -2}, {"repetition_penalty": 0}, {"max_new_tokens": 0}):
+        with pytest.raises(InputError, match=f"{next(iter(bad))} must be"):
+            SamplingParams(**bad)
 
 
 @pytest.mark.parametrize("use_moe", [False, True])
