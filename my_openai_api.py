@@ -8,7 +8,7 @@ import os
 
 import uvicorn
 
-from model.chat import add_inference_args, load_for_inference, parse_rope_scaling
+from model.chat import add_inference_args, load_for_inference, parse_rope_scaling, sampling_from_args
 from model.errors import run_script
 from model.server import create_app
 
@@ -29,10 +29,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    defaults = sampling_from_args(args)  # for what a request leaves out
     model, tokenizer = load_for_inference(args)
     scaling = parse_rope_scaling(args.rope_scaling)
     context = args.context_length or int(model.config.max_seq_len * (scaling["factor"] if scaling else 1))
-    app = create_app(model, tokenizer, args.model_name, args.api_key, args.max_batch, context)
+    app = create_app(model, tokenizer, args.model_name, args.api_key, args.max_batch, context, defaults)
     print(f"serving {args.ckpt} as '{args.model_name}' on http://{args.host}:{args.port}/v1 "
           f"(context {context} tokens, API key {'required' if args.api_key else 'off'})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

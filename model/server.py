@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -140,7 +140,9 @@ def normalize_messages(messages) -> list[dict]:
 
 
 def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | None = None, max_batch: int = 16,
-               context_length: int | None = None) -> FastAPI:
+               context_length: int | None = None, defaults: SamplingParams | None = None) -> FastAPI:
+    """`defaults` sample what a request leaves out (top_k and repetition_penalty, which OpenAI's API lacks, always;
+    max_tokens capped by the context); without them, OpenAI's: temperature 1, top_p 1, up to the context."""
     app = FastAPI(title="MiniMind OpenAI-compatible API")
     engine = BatchEngine(model, tokenizer, max_batch)
     context = context_length or model.config.max_seq_len
@@ -197,7 +199,7 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
                                 f"{len(prompt)}", "messages", "context_length_exceeded")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:
-            max_tokens = room
+            max_tokens = min(room, defaults.max_new_tokens) if defaults else room
         if max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
         if max_tokens > room:
@@ -206,8 +208,9 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4:
             raise APIError(400, "at most 4 stop sequences", "stop")
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-                                top_p=1.0 if body.top_p is None else body.top_p, stop=tuple(stop), seed=body.seed)
+        given = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
+        params = replace(defaults or SamplingParams(temperature=1.0), max_new_tokens=max_tokens, stop=tuple(stop),
+                         **{name: value for name, value in given.items() if value is not None})
         job = engine.submit(Job(prompt, params))
         rid, name = f"chatcmpl-{uuid.uuid4().hex[:24]}", model_name
         if body.stream:

@@ -11,6 +11,10 @@ from openai import OpenAI
 
 from conftest import ROOT, tiny_model
 from model.checkpoint import save_weights
+from model.generate import SamplingParams
+from model.loading import load_model
+from model.server import create_app
+from model.tokenizer import load_tokenizer
 
 
 def free_port():
@@ -137,6 +141,22 @@ def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, name, body, pa
         assert error["code"] == "context_length_exceeded"
     if name == "body not an object":
         assert error["message"].startswith("the request body: ") and error["param"] is None
+
+
+def test_the_servers_sampling_flags_fill_in_what_a_request_leaves_out(served_model, demo_data):
+    """my_openai_api.py --temperature/--top_p/--top_k/--repetition_penalty/--max_new_tokens/--seed, in-process."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(load_model(served_model), load_tokenizer(demo_data / "tokenizer"),
+                     defaults=SamplingParams(max_new_tokens=3, temperature=0.0))
+    ask = {"messages": [{"role": "user", "content": "Tell me a story"}]}
+    with TestClient(app) as http:
+        left_out = http.post("/v1/chat/completions", json=ask).json()
+        given = http.post("/v1/chat/completions", json={**ask, "max_tokens": 3, "temperature": 0}).json()
+        longer = http.post("/v1/chat/completions", json={**ask, "max_tokens": 6, "temperature": 0}).json()
+    assert left_out["usage"]["completion_tokens"] == 3 and left_out["choices"][0]["finish_reason"] == "length"
+    assert left_out["choices"] == given["choices"]
+    assert longer["usage"]["completion_tokens"] == 6  # a request's own max_tokens wins
 
 
 def test_unknown_path_is_a_404_with_an_error_body(server):
