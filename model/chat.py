@@ -1,5 +1,6 @@
 """Shared by the scripts that talk to a model: loading a model with its tokenizer, sampling flags, streaming."""
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def parse_rope_scaling(text: str | None):
 
 
 def find_tokenizer(ckpt, explicit=None):
-    """--tokenizer, else the tokenizer saved with the checkpoint (exported folders, training metadata), else default."""
+    """--tokenizer, else the tokenizer saved with the checkpoint (exported folders, training metadata; for a LoRA
+    adapter, its base model's), else default."""
     from .loading import resolve_path
     from .tokenizer import DEFAULT_TOKENIZER_DIR
 
@@ -57,6 +59,9 @@ def find_tokenizer(ckpt, explicit=None):
     folder = path if path.is_dir() else path.parent
     if (folder / "tokenizer.json").exists():
         return folder
+    if (path / "adapter_config.json").exists():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return find_tokenizer(base) if base else DEFAULT_TOKENIZER_DIR
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 

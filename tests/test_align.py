@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import load_script
+from model.chat import find_tokenizer
 from model.loading import load_model
 from model.stages import dpo_objective, sequence_logps
 from test_train import TINY, pretrain_args, run_script_process, wait_for
@@ -46,6 +47,7 @@ def test_lora_changes_only_adapters_and_merges_exactly(demo_data, tiny_sft, tmp_
     adapter = load_file(str(adapter_dir / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it trained
+    assert find_tokenizer(adapter_dir).resolve() == (demo_data / "tokenizer").resolve()  # its base's, for --ckpt
 
     base = load_model(tiny_sft)
     with_adapter = load_model(adapter_dir, merge_lora=False)  # base + adapter, unmerged (peft)
