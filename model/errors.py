@@ -15,13 +15,23 @@ class InputError(ReportedError, ValueError):
 PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+def message_of(error: Exception) -> str:
+    """The error's own message. One raised in a DataLoader worker is re-raised in the main process with the
+    worker's whole traceback as its message, ending in '<module>.<class>: <the original message>'."""
+    text = str(error)
+    marker = f"{type(error).__module__}.{type(error).__qualname__}: "
+    if "\nOriginal Traceback" in text and marker in text:
+        text = text.rsplit(marker, 1)[1].rstrip()
+    return text
+
+
 def run_script(main):
     """Run a script's `main()`. A ReportedError or a bad path ends the script with 'error: <message>' on stderr
     and exit status 1, Ctrl-C with status 130 and no traceback; any other exception keeps its traceback."""
     try:
         main()
     except (ReportedError, *PATH_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message_of(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(file=sys.stderr)

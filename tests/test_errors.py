@@ -1,4 +1,5 @@
 """Bad input through the real scripts: one line that says what is wrong, exit status 1, never a traceback."""
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def bad_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     torch.save({"model": RunsShellCommand(f"touch {root / 'payload_ran'}")}, root / "payload.pth")
     (root / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a json header}")
-    model = tiny_model()
+    model = tiny_model(vocab_size=1000)
     save_weights(root / "page" / "full_sft_64.safetensors", model.state_dict(), model.config)
     state = model.state_dict()
     del state["norm.weight"]
@@ -56,6 +57,18 @@ def test_scripts_report_bad_input_in_one_line(bad_inputs, script, args, message)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert f"error: {message.format(root=bad_inputs)}" in done.stderr
+
+
+def test_a_bad_row_found_by_a_dataloader_worker_is_reported_without_its_traceback(bad_inputs, demo_data):
+    rows = [json.dumps({"instruction": f"question {i}", "output": f"answer {i}"}) for i in range(3)]
+    (bad_inputs / "sft.jsonl").write_text("\n".join(rows[:2] + ['{"instruction": "q", "output"', rows[2]]) + "\n")
+    done = run("3-full_sft.py", "--init_from", bad_inputs / "page" / "full_sft_64.safetensors", "--data_path",
+               bad_inputs / "sft.jsonl", "--tokenizer", demo_data / "tokenizer", "--out_dir", bad_inputs / "sft_out",
+               "--device", "cpu", "--batch_size", "2", "--max_steps", "4", "--num_workers", "1", "--quiet")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"error: {bad_inputs / 'sft.jsonl'}, line 3: malformed JSON. Clean "
+                                                    "the file with `python data_process.py sft|dpo` first: it skips bad "
+                                                    "rows and reports them.")
 
 
 def test_a_pickle_that_runs_code_is_refused_unexecuted(bad_inputs):
