@@ -1,13 +1,14 @@
 """Chat in the terminal with any OpenAI-compatible server (ours: my_openai_api.py), through the official client.
 
     python chat_openai_api.py [--base_url http://127.0.0.1:8998/v1] [--api_key KEY] [--model NAME] [--prompt TEXT]
-Base URL, key and model default to $OPENAI_BASE_URL, $OPENAI_API_KEY and the server's first model.
+Base URL, key and model default to $OPENAI_BASE_URL, $OPENAI_API_KEY (else $MINIMIND_API_KEY, the one our server
+reads) and the server's first model.
 """
 import argparse
 import os
 import sys
 
-from openai import OpenAI, OpenAIError
+from openai import AuthenticationError, OpenAI, OpenAIError
 
 from model.errors import run_script
 from model.io import read_questions
@@ -16,7 +17,8 @@ from model.io import read_questions
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_url", default=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8998/v1"))
-    parser.add_argument("--api_key", default=os.environ.get("OPENAI_API_KEY", "none"))
+    key = os.environ.get("OPENAI_API_KEY", os.environ.get("MINIMIND_API_KEY", "none"))
+    parser.add_argument("--api_key", default=key)
     parser.add_argument("--model", default=os.environ.get("OPENAI_MODEL"))
     parser.add_argument("--system", default=None)
     parser.add_argument("--history", type=int, default=4, help="earlier turns sent along (0: none)")
@@ -27,6 +29,8 @@ def main(argv=None):
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)
     try:
         model = args.model or client.models.list().data[0].id
+    except AuthenticationError:
+        sys.exit(f"{args.base_url} refused the API key: pass --api_key or set OPENAI_API_KEY")
     except OpenAIError as e:
         sys.exit(f"cannot reach {args.base_url}: {e}")
     history = []

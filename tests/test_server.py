@@ -1,5 +1,6 @@
 """The OpenAI-compatible server as a real process, driven by the official openai client and raw HTTP."""
 import concurrent.futures
+import os
 import socket
 import subprocess
 import sys
@@ -209,6 +210,13 @@ def test_api_key_is_enforced(served_model, demo_data):
         assert r.status_code == 401
         assert [m.id for m in client(url, "s3cret").models.list().data] == ["minimind"]
         assert httpx.get(url + "/health").status_code == 200  # health checks need no key
+        env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "MINIMIND_API_KEY")}
+        ask = [sys.executable, "chat_openai_api.py", "--base_url", url + "/v1", "--prompt", "Hi", "--max_tokens", "4"]
+        refused = subprocess.run(ask, cwd=ROOT, capture_output=True, text=True, env=env)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert refused.stderr.strip() == f"{url}/v1 refused the API key: pass --api_key or set OPENAI_API_KEY"
+        served = subprocess.run(ask, cwd=ROOT, capture_output=True, text=True, env={**env, "MINIMIND_API_KEY": "s3cret"})
+        assert served.returncode == 0 and served.stdout.startswith("👶: Hi\n🤖: "), served.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=30)
