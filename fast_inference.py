@@ -11,7 +11,7 @@ import sys
 import streamlit as st
 
 from model.chat import find_checkpoints
-from model.errors import PATH_ERRORS, ReportedError
+from model.errors import USER_ERRORS, message_of
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out_dir", default=os.environ.get("MINIMIND_OUT_DIR", "out"))
@@ -49,8 +49,8 @@ with st.sidebar:
 
 try:
     model, tokenizer = load(ckpt, args.tokenizer)
-except (ReportedError, *PATH_ERRORS) as e:
-    st.error(f"cannot load {ckpt}: {e}")
+except USER_ERRORS as e:
+    st.error(f"cannot load {ckpt}: {message_of(e)}")
     st.stop()
 st.session_state.setdefault("messages", [])
 for m in st.session_state.messages:

@@ -1,6 +1,5 @@
 """Shared by the scripts that talk to a model: loading a model with its tokenizer, sampling flags, streaming."""
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -50,7 +49,7 @@ def parse_rope_scaling(text: str | None):
 def find_tokenizer(ckpt, explicit=None):
     """--tokenizer, else the tokenizer saved with the checkpoint (exported folders, training metadata; for a LoRA
     adapter, its base model's), else default."""
-    from .loading import resolve_path
+    from .loading import adapter_base, resolve_path
     from .tokenizer import DEFAULT_TOKENIZER_DIR
 
     if explicit:
@@ -59,9 +58,8 @@ def find_tokenizer(ckpt, explicit=None):
     folder = path if path.is_dir() else path.parent
     if (folder / "tokenizer.json").exists():
         return folder
-    if (path / "adapter_config.json").exists():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        return find_tokenizer(base) if base else DEFAULT_TOKENIZER_DIR
+    if base := adapter_base(path):
+        return find_tokenizer(base)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 

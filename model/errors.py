@@ -10,9 +10,10 @@ class InputError(ReportedError, ValueError):
     """Input that cannot be used: a missing or malformed file, a checkpoint that does not fit, contradicting flags."""
 
 
-# The file-system errors a script's own arguments cause (a mistyped path, a folder given for a file); their
-# messages name the path. Other OSErrors (a full disk, a dropped connection) keep their traceback.
-PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+# What a user caused and can fix: ReportedErrors, and the file-system errors a script's own arguments cause (a
+# mistyped path, a folder given for a file), whose messages name the path. Other OSErrors (a full disk, a dropped
+# connection) keep their traceback.
+USER_ERRORS = (ReportedError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def message_of(error: Exception) -> str:
@@ -30,7 +31,7 @@ def run_script(main):
     and exit status 1, Ctrl-C with status 130 and no traceback; any other exception keeps its traceback."""
     try:
         main()
-    except (ReportedError, *PATH_ERRORS) as e:
+    except USER_ERRORS as e:
         print(f"error: {message_of(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -113,16 +113,24 @@ def load_state(path, config: LMConfig | None = None, preset: str | None = None) 
     return state, cfg
 
 
+def adapter_base(path: Path) -> str | None:
+    """The base model a peft LoRA adapter folder names; None if `path` is no adapter folder."""
+    if not (path.is_dir() and (path / "adapter_config.json").exists()):
+        return None
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise InputError(f"{path}/adapter_config.json names no base model")
+    return base
+
+
 def load_model(path, config: LMConfig | None = None, device="cpu", dtype=None, preset: str | None = None,
                rope_scaling: dict | None = None, merge_lora: bool = True) -> MiniMindLM:
     """A ready model (eval mode) from any supported checkpoint. `rope_scaling` extends the context at inference."""
     path = resolve_path(path)
-    if path.is_dir() and (path / "adapter_config.json").exists():
+    base_path = adapter_base(path)
+    if base_path:
         from peft import PeftModel
 
-        base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base_path:
-            raise InputError(f"{path}/adapter_config.json names no base model")
         base = load_model(base_path, config, device, dtype, preset, rope_scaling)
         model = PeftModel.from_pretrained(base, str(path))
         return (model.merge_and_unload() if merge_lora else model).eval()

@@ -146,6 +146,7 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
     app = FastAPI(title="MiniMind OpenAI-compatible API")
     engine = BatchEngine(model, tokenizer, max_batch)
     context = context_length or model.config.max_seq_len
+    defaults = defaults or SamplingParams(max_new_tokens=context, temperature=1.0)  # OpenAI's
     created = int(time.time())
     app.state.engine = engine
 
@@ -199,7 +200,7 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
                                 f"{len(prompt)}", "messages", "context_length_exceeded")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:
-            max_tokens = min(room, defaults.max_new_tokens) if defaults else room
+            max_tokens = min(room, defaults.max_new_tokens)
         if max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
         if max_tokens > room:
@@ -209,7 +210,7 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
         if len(stop) > 4:
             raise APIError(400, "at most 4 stop sequences", "stop")
         given = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
-        params = replace(defaults or SamplingParams(temperature=1.0), max_new_tokens=max_tokens, stop=tuple(stop),
+        params = replace(defaults, max_new_tokens=max_tokens, stop=tuple(stop),
                          **{name: value for name, value in given.items() if value is not None})
         job = engine.submit(Job(prompt, params))
         rid, name = f"chatcmpl-{uuid.uuid4().hex[:24]}", model_name
