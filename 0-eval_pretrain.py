@@ -19,11 +19,11 @@ def main(argv=None):
     parser.set_defaults(max_new_tokens=64, temperature=0.0)
     args = parser.parse_args(argv)
     params = sampling_from_args(args)  # checked before the model loads
-    model, tokenizer = load_for_inference(args)
+    engine, tokenizer = load_for_inference(args)
     for prompt in args.prompt or PROMPTS:
         ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
         sys.stdout.write(f"\n[prompt] {prompt}\n[continuation] {prompt}")
-        stream_to(sys.stdout, model, tokenizer, ids, params)
+        stream_to(sys.stdout, engine, tokenizer, ids, params)
         sys.stdout.write("\n")
 
 

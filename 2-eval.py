@@ -26,13 +26,13 @@ def main(argv=None):
     parser.add_argument("--system", default=None, help="a system message")
     args = parser.parse_args(argv)
     params = sampling_from_args(args)  # checked before the model loads
-    model, tokenizer = load_for_inference(args)
+    engine, tokenizer = load_for_inference(args)
     history = []
 
     def answer(question):
         ids = chat_prompt(tokenizer, question, history[-args.history:] if args.history else (), args.system)
         sys.stdout.write("🤖: ")
-        reply = stream_to(sys.stdout, model, tokenizer, ids, params)
+        reply = stream_to(sys.stdout, engine, tokenizer, ids, params)
         sys.stdout.write("\n\n")
         history.append((question, reply))
 

@@ -23,7 +23,10 @@ def main(argv=None):
     parser.add_argument("--system", default=None)
     parser.add_argument("--history", type=int, default=4, help="earlier turns sent along (0: none)")
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--max_tokens", type=int, default=256)
+    parser.add_argument("--max_tokens", type=int, default=None, help="default: the server's (what fits the context)")
+    for dashed in ("--base-url", "--api-key", "--max-tokens"):  # the other spelling, accepted
+        parser.add_argument(dashed, dest=dashed[2:].replace("-", "_"), default=argparse.SUPPRESS,
+                            type=int if dashed == "--max-tokens" else str, help=argparse.SUPPRESS)
     parser.add_argument("--prompt", action="append", help="ask this and exit (repeatable) instead of chatting")
     args = parser.parse_args(argv)
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)
@@ -40,8 +43,9 @@ def main(argv=None):
         for q, a in history[-args.history:] if args.history else []:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": question})
+        extra = {"max_tokens": args.max_tokens} if args.max_tokens is not None else {}
         stream = client.chat.completions.create(model=model, messages=messages, stream=True,
-                                                temperature=args.temperature, max_tokens=args.max_tokens)
+                                                temperature=args.temperature, **extra)
         reply = ""
         print("🤖: ", end="", flush=True)
         for chunk in stream:
@@ -52,17 +56,30 @@ def main(argv=None):
         history.append((question, reply))
         return reply
 
-    try:
-        if args.prompt:
+    if args.prompt:
+        try:
             for q in args.prompt:
                 print(f"👶: {q}")
                 ask(q)
-            return
-        print(f"chatting with '{model}' at {args.base_url} ('exit' or Ctrl-D to leave)")
-        for question in read_questions():
+        except OpenAIError as e:
+            sys.exit(f"request failed: {failure(e)}")
+        return
+    print(f"chatting with '{model}' at {args.base_url} ('exit' or Ctrl-D to leave)")
+    for question in read_questions():
+        try:
             ask(question)
-    except OpenAIError as e:
-        sys.exit(f"request failed: {e}")
+        except OpenAIError as e:  # say what went wrong and keep the conversation going
+            print(f"\nerror: {failure(e)}\n", flush=True)
+
+
+def failure(error: OpenAIError) -> str:
+    """The server's own message where it sent one (OpenAI's error body), else the client's."""
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict) and body.get("message"):
+            return body["message"]
+    return str(error)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def main(argv=None):
 
     import torch
 
+    from model import quiet_third_party
+
+    quiet_third_party()
     torch.manual_seed(args.seed)
     with timer.stage("demo data"):
         script("data_process.py").main(["demo", "--out_dir", str(data), "--pretrain_repeats", str(cfg["repeats"]),

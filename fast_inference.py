@@ -10,8 +10,11 @@ import sys
 
 import streamlit as st
 
+from model import quiet_third_party
 from model.chat import find_checkpoints
 from model.errors import USER_ERRORS, message_of
+
+quiet_third_party()
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out_dir", default=os.environ.get("MINIMIND_OUT_DIR", "out"))
@@ -48,7 +51,7 @@ with st.sidebar:
         st.session_state.messages = []
 
 try:
-    model, tokenizer = load(ckpt, args.tokenizer)
+    engine, tokenizer = load(ckpt, args.tokenizer)
 except USER_ERRORS as e:
     st.error(f"cannot load {ckpt}: {message_of(e)}")
     st.stop()
@@ -69,7 +72,7 @@ if question := st.chat_input("Ask MiniMind something"):
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
 
     def pieces():
-        for deltas in stream_text(model, tokenizer, [prompt], params):
+        for deltas in stream_text(engine, tokenizer, [prompt], params):
             for d in deltas:
                 if d.text:
                     yield d.text

@@ -1,15 +1,16 @@
-"""Serve a model over the OpenAI chat-completions API (FastAPI + uvicorn).
+"""Serve a model over the OpenAI chat-completions API (FastAPI + uvicorn), with continuous batching.
 
-    python my_openai_api.py --ckpt out/full_sft_512.safetensors [--host 127.0.0.1] [--port 8998] [--api-key KEY]
+    python my_openai_api.py --ckpt out/full_sft_512.safetensors [--host 127.0.0.1] [--port 8998] [--api_key KEY]
 Then point any OpenAI client at http://127.0.0.1:8998/v1 (see chat_openai_api.py).
 """
 import argparse
 import os
+import socket
 
 import uvicorn
 
 from model.chat import add_inference_args, load_for_inference, parse_rope_scaling, sampling_from_args
-from model.errors import run_script
+from model.errors import InputError, run_script
 from model.server import create_app
 
 
@@ -18,25 +19,48 @@ def build_parser():
     add_inference_args(parser, ckpt="out/full_sft_512.safetensors")
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 keeps it private; 0.0.0.0 opens it to the network")
     parser.add_argument("--port", type=int, default=8998)
-    parser.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("MINIMIND_API_KEY"),
+    parser.add_argument("--api_key", default=os.environ.get("MINIMIND_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $MINIMIND_API_KEY, else no key)")
-    parser.add_argument("--model-name", "--model_name", dest="model_name", default="minimind")
-    parser.add_argument("--max_batch", type=int, default=16, help="requests decoded together at most")
+    parser.add_argument("--model_name", default="minimind")
+    parser.add_argument("--max_batch", type=int, default=16, help="sequences decoded together at most (KV-cache rows)")
+    parser.add_argument("--max_queue", type=int, default=64, help="requests waiting for a row; beyond: HTTP 429")
+    parser.add_argument("--prefill_chunk", type=int, default=128,
+                        help="prompt tokens prefilled per step: a longer prompt is prefilled in chunks between steps")
     parser.add_argument("--context_length", type=int, default=None,
                         help="prompt + completion limit (default: max_seq_len, times the --rope_scaling factor)")
+    for dashed in ("--api-key", "--model-name"):  # the spelling earlier versions showed, still accepted
+        parser.add_argument(dashed, dest=dashed[2:].replace("-", "_"), default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
     return parser
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use is one clear line, at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror} (another server there? pick --port)") from e
+    return sock
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     defaults = sampling_from_args(args)  # for what a request leaves out
-    model, tokenizer = load_for_inference(args)
+    sock = bind(args.host, args.port)
+    engine, tokenizer = load_for_inference(args, rows=(1, 2))
     scaling = parse_rope_scaling(args.rope_scaling)
-    context = args.context_length or int(model.config.max_seq_len * (scaling["factor"] if scaling else 1))
-    app = create_app(model, tokenizer, args.model_name, args.api_key, args.max_batch, context, defaults)
-    print(f"serving {args.ckpt} as '{args.model_name}' on http://{args.host}:{args.port}/v1 "
-          f"(context {context} tokens, API key {'required' if args.api_key else 'off'})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    context = args.context_length or int(engine.config.max_seq_len * (scaling["factor"] if scaling else 1))
+    app = create_app(engine, tokenizer, args.model_name, args.api_key, args.max_batch, context, defaults,
+                     args.max_queue, args.prefill_chunk)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.ckpt} as '{args.model_name}' on http://{host}:{args.port}/v1 "
+          f"(context {context} tokens, {args.max_batch} rows, API key {'required' if args.api_key else 'off'})",
+          flush=True)
+    server.run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible server under load: requests/s, time to first token and tokens/s at 1, 4 and 16
-concurrent streaming clients (1 client is the baseline).
+"""The OpenAI-compatible server under load: requests/s, aggregate tokens/s and time to first token (median, p90)
+at 1, 4, 16 and 32 concurrent streaming clients, for continuous batching (the server's default, --max_batch 16)
+against one request at a time (--max_batch 1, the baseline), measured one after the other in the same run.
 
     python bench/bench_serve.py [--ckpt out/demo/full_sft_256.safetensors] [--requests 32] [--max_tokens 64]
 
@@ -59,8 +60,9 @@ def load(url, clients, requests, max_tokens):
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda i: one_request(url, i, max_tokens), range(requests)))
     wall = time.perf_counter() - start
-    ttft = [r[0] for r in results]
-    return requests / wall, statistics.median(ttft), max(ttft), sum(r[2] for r in results) / wall
+    ttft = sorted(r[0] for r in results)
+    return {"rps": requests / wall, "ttft": statistics.median(ttft), "p90": ttft[int(0.9 * (len(ttft) - 1))],
+            "tps": sum(r[2] for r in results) / wall}
 
 
 def main():
@@ -68,34 +70,41 @@ def main():
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument("--clients", default="1,4,16,32")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    ckpt, extra = args.ckpt, ["--context_length", "1024"]
+    ckpt = args.ckpt
     if ckpt is None:
         import torch
 
         from model.checkpoint import save_weights
         from model.LMConfig import preset_config
-        from model.model import MiniMindLM
+        from model.model import MiniMindForCausalLM
 
         torch.manual_seed(0)
-        model = MiniMindLM(preset_config("minimind-v1-small"))
+        model = MiniMindForCausalLM(preset_config("minimind-v1-small"))
         ckpt = Path(tempfile.mkdtemp()) / "random_26m.safetensors"
         save_weights(ckpt, model.state_dict(), model.config)
-    proc, url = start(ckpt, extra)
-    try:
-        one_request(url, -1, 4)  # warm-up
-        rows, base = [], None
-        for clients in (1, 4, 16):
-            rps, ttft, worst, tps = load(url, clients, args.requests, args.max_tokens)
-            base = base or rps
-            rows.append((clients, f"{rps:.2f}", f"{rps / base:.2f}", f"{ttft * 1000:.0f}", f"{worst * 1000:.0f}",
-                         f"{tps:.0f}"))
-        print(f"\n{args.requests} streaming requests per level, {args.max_tokens} new tokens each, greedy:")
-        table(rows, ("clients", "requests/s", "vs 1 client", "median TTFT ms", "worst TTFT ms", "tokens/s"))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    levels = [int(c) for c in args.clients.split(",")]
+    results = {}
+    for name, extra in (("one at a time (--max_batch 1, baseline)", ["--max_batch", "1"]),
+                        ("continuous batching (--max_batch 16)", ["--max_batch", "16"])):
+        proc, url = start(ckpt, ["--context_length", "1024", "--max_queue", "256", *extra])
+        try:
+            one_request(url, -1, 4)  # warm-up
+            results[name] = {clients: load(url, clients, args.requests, args.max_tokens) for clients in levels}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"\n{args.requests} streaming requests per level, {args.max_tokens} new tokens each, greedy:")
+    rows = []
+    for name, by_level in results.items():
+        single = by_level[levels[0]]
+        for clients, r in by_level.items():
+            rows.append((name, clients, f"{r['rps']:.2f}", f"{r['tps']:.0f}", f"{r['tps'] / single['tps']:.1f}",
+                         f"{r['ttft'] * 1000:.0f}", f"{r['p90'] * 1000:.0f}", f"{r['ttft'] / single['ttft']:.1f}"))
+    table(rows, ("server", "clients", "requests/s", "tokens/s", f"tokens/s vs {levels[0]} client",
+                 "median TTFT ms", "p90 TTFT ms", f"median TTFT vs {levels[0]} client"))
 
 
 if __name__ == "__main__":

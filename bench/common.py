@@ -50,7 +50,8 @@ def matmul_peak(n=4096, dtype=torch.float32, device="cpu", repeats=3) -> float:
 def weight_passes(model, dtype=torch.float32) -> dict:
     """One pass over as many numbers as the model has weights, as one product (what a decode step would cost if
     that were all it did): {"mv": torch.mv on the usual (out, in) layout, the weight-streaming bound} and, for
-    fp32, {"x @ W": the (in, out) layout, which this machine's fp32 GEMV streams faster}; for int8, "mv" is torch's
+    fp32, {"x @ W": the (in, out) layout, which some CPUs' fp32 GEMV streams faster, "two rows": a two-row product,
+    which others' BLAS runs faster than its GEMV}; for int8, "mv" is torch's
     int8-weight kernel with bf16 activations (what --quantize int8 compiles to). Callables, so a
     benchmark can time them between its other measurements."""
     n = sum(p.numel() for p in model.parameters())
@@ -63,8 +64,9 @@ def weight_passes(model, dtype=torch.float32) -> dict:
     x = torch.randn(cols, dtype=dtype)
     passes = {"mv": lambda: torch.mv(w, x)}
     if dtype == torch.float32:
-        w_in_out = w.t().contiguous()
+        w_in_out, two = w.t().contiguous(), torch.randn(2, cols)
         passes["x @ W"] = lambda: x @ w_in_out
+        passes["two rows"] = lambda: w @ two.T  # what the engine's `padded` product costs (model/engine.py)
     return passes
 
 

@@ -1,24 +1,30 @@
 """MiniMind: model, config, data, training and generation code shared by the numbered scripts.
 
 Imports are lazy so that light tools (data processing) start without loading torch and transformers:
-`model.load_model` and `model.MiniMindLM` resolve on first use; the config lives in `model.LMConfig`.
+`model.load_model` and `model.MiniMindForCausalLM` resolve on first use; the config lives in `model.LMConfig`.
+Importing changes nothing process-wide: the scripts call `quiet_third_party()` at their entry point.
 """
 import importlib
-import logging
-import warnings
 
-# transformers imports torchao (our int8 option) whenever it is installed; torchao then tries its CUDA-only kernel
-# libraries and torch flags its Enum registrations, warnings a CPU user can do nothing about. Errors still show.
-for _name in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
-# peft, on every adapter: it still reads a transformers property deprecated in v5, and it looks for a config.json
-# beside the base model to see whether the vocabulary grew (ours is a safetensors file with the config inside, and
-# LoRA never changes the vocabulary).
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-warnings.filterwarnings("ignore", message="Could not find a config file in .* will assume that the vocabulary",
-                        category=UserWarning)
+_LAZY = {"MiniMindForCausalLM": ".model", "MiniMindLM": ".model", "MiniMindModel": ".model", "Engine": ".engine",
+         "load_model": ".loading", "preset_config": ".LMConfig", "PRESETS": ".LMConfig"}
 
-_LAZY = {"MiniMindLM": ".model", "load_model": ".loading", "preset_config": ".LMConfig", "PRESETS": ".LMConfig"}
+
+def quiet_third_party():
+    """Silence third-party messages a user of our scripts can do nothing about; errors still show.
+
+    transformers imports torchao (our int8 option) whenever it is installed; torchao then tries its CUDA-only
+    kernel libraries and torch flags its Enum registrations. peft, on every adapter: it still reads a transformers
+    property deprecated in v5, and it looks for a config.json beside the base model to see whether the vocabulary
+    grew (ours is a safetensors file with the config inside, and LoRA never changes the vocabulary)."""
+    import logging
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Could not find a config file in .* will assume that the vocabulary",
+                            category=UserWarning)
 
 
 def __getattr__(name):

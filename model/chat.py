@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .generate import SamplingParams, compile_decoding, stream_text
+from .generate import SamplingParams, stream_text
 
 
 def add_inference_args(parser: argparse.ArgumentParser, ckpt: str):
@@ -18,10 +18,10 @@ def add_inference_args(parser: argparse.ArgumentParser, ckpt: str):
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--quantize", default=None, choices=["int8"],
                    help="int8: int8 weights (torchao, weight-only, per row); with --dtype bfloat16 --compile the "
-                        "fastest decoding on CPU (see model/loading.py: quantize_int8)")
+                        "fastest decoding on CPU (see model/engine.py)")
     g.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile: faster tokens after a one-time compilation of "
-                        "tens of seconds on CPU (see model/generate.py: compile_decoding)")
+                        "tens of seconds on CPU (see model/engine.py)")
     g.add_argument("--rope_scaling", default=None, metavar="TYPE:FACTOR",
                    help="extend the context at inference, e.g. yarn:4 (trained at 512, chat at 2048) or linear:4")
     g.add_argument("--temperature", type=float, default=0.7)
@@ -70,9 +70,12 @@ def find_tokenizer(ckpt, explicit=None):
     return DEFAULT_TOKENIZER_DIR
 
 
-def load_for_inference(args):
-    """(model, tokenizer) ready for generation, as the flags of add_inference_args ask."""
-    from .loading import load_model, quantize_int8
+def load_for_inference(args, rows=(1,)):
+    """(engine, tokenizer) ready for generation, as the flags of add_inference_args ask: the model is prepared for
+    decoding by model/engine.py (products tuned for this CPU; int8 and the compiled step when asked; compiled for
+    each row count in `rows`). `engine.model` is the model itself."""
+    from .engine import Engine
+    from .loading import load_model
     from .tokenizer import load_tokenizer
     from .trainer import pick_device
 
@@ -80,18 +83,15 @@ def load_for_inference(args):
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = load_model(args.ckpt, device=device, dtype=dtype, preset=args.preset,
                        rope_scaling=parse_rope_scaling(args.rope_scaling))
-    if args.quantize == "int8":
-        quantize_int8(model)
-        if device.type == "cpu" and not (args.compile and args.dtype == "bfloat16"):
-            print("note: int8 weights decode fast on CPU only with --dtype bfloat16 --compile; without them, slower "
-                  "than the plain model", file=sys.stderr)
-    if args.compile:
-        compile_decoding(model)
     tokenizer = load_tokenizer(find_tokenizer(args.ckpt, args.tokenizer))
     if len(tokenizer) > model.config.vocab_size:
         raise InputError(f"the tokenizer ({len(tokenizer)} tokens) does not fit the model (vocab "
                          f"{model.config.vocab_size}); pass the --tokenizer the model was trained with")
-    return model, tokenizer
+    if args.quantize == "int8" and device.type == "cpu" and not (args.compile and args.dtype == "bfloat16"):
+        print("note: int8 weights decode fast on CPU only with --dtype bfloat16 --compile; without them, slower "
+              "than the plain model", file=sys.stderr)
+    engine = Engine(model, compile=args.compile, tune=True, quantize=args.quantize, rows=rows)
+    return engine, tokenizer
 
 
 def stream_to(out, model, tokenizer, prompt_ids, params) -> str:

@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 from .errors import InputError
 from .io import atomic_writer
 
+EMBEDDINGS = "model.tok_embeddings.weight"  # tied to lm_head.weight
+
 
 class CheckpointMismatch(InputError):
     """Weights that do not fit the model: names what is missing, unexpected or mis-shaped."""
@@ -35,12 +37,29 @@ class CheckpointMismatch(InputError):
         super().__init__("\n".join(lines))
 
 
+def upgrade_keys(state: dict) -> dict:
+    """Upstream MiniMind v1's flat names (`tok_embeddings.weight`, `layers.0...`, `norm.weight`, `output.weight`),
+    which our files used before the backbone/head split, as this model's (`model.tok_embeddings.weight`, ...,
+    `lm_head.weight`); names already in the new layout pass unchanged."""
+    if not any(k == "tok_embeddings.weight" or k.startswith("layers.") for k in state):
+        return state
+    renamed = {}
+    for k, v in state.items():
+        if k == "output.weight":
+            k = "lm_head.weight"
+        elif k.split(".")[0] in ("tok_embeddings", "layers", "norm"):
+            k = "model." + k
+        renamed[k] = v
+    return renamed
+
+
 def check_state(model: torch.nn.Module, state: dict, source: str = "") -> dict:
-    """The state dict completed with tied weights, or CheckpointMismatch naming every difference."""
-    own = model.state_dict()
-    if "output.weight" in own and "output.weight" not in state and "tok_embeddings.weight" in state \
+    """The state dict in this model's names, completed with tied weights, or CheckpointMismatch naming every
+    difference."""
+    own, state = model.state_dict(), upgrade_keys(state)
+    if "lm_head.weight" in own and "lm_head.weight" not in state and EMBEDDINGS in state \
             and getattr(model.config, "tie_word_embeddings", False):
-        state = {**state, "output.weight": state["tok_embeddings.weight"]}
+        state = {**state, "lm_head.weight": state[EMBEDDINGS]}
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
     mismatched = [(k, own[k].shape, state[k].shape) for k in sorted(own) if k in state and own[k].shape != state[k].shape]
@@ -65,10 +84,10 @@ def save_weights(path, state: dict, config=None, metadata: dict | None = None):
         else:
             seen[key] = k
             kept[k] = v.detach().contiguous().cpu()
-    if getattr(config, "tie_word_embeddings", False) and "output.weight" in kept and "tok_embeddings.weight" in kept \
-            and torch.equal(kept["output.weight"], kept["tok_embeddings.weight"]):
-        del kept["output.weight"]  # gathered shards of a tied matrix arrive as two equal tensors
-        aliases["output.weight"] = "tok_embeddings.weight"
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in kept and EMBEDDINGS in kept \
+            and torch.equal(kept["lm_head.weight"], kept[EMBEDDINGS]):
+        del kept["lm_head.weight"]  # gathered shards of a tied matrix arrive as two equal tensors
+        aliases["lm_head.weight"] = EMBEDDINGS
     state = kept
     meta = {"format": "pt", **(metadata or {})}
     if aliases:

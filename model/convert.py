@@ -42,9 +42,9 @@ def llama_config(config: LMConfig, **extra) -> LlamaConfig:
 
 def _key_pairs(n_layers: int):
     """(ours, llama) names of every weight."""
-    yield "tok_embeddings.weight", "model.embed_tokens.weight"
-    yield "norm.weight", "model.norm.weight"
-    yield "output.weight", "lm_head.weight"
+    yield "model.tok_embeddings.weight", "model.embed_tokens.weight"
+    yield "model.norm.weight", "model.norm.weight"
+    yield "lm_head.weight", "lm_head.weight"
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
              "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
              "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
@@ -52,7 +52,7 @@ def _key_pairs(n_layers: int):
              "ffn_norm": "post_attention_layernorm"}
     for i in range(n_layers):
         for ours, theirs in names.items():
-            yield f"layers.{i}.{ours}.weight", f"model.layers.{i}.{theirs}.weight"
+            yield f"model.layers.{i}.{ours}.weight", f"model.layers.{i}.{theirs}.weight"
 
 
 def _translate(state: dict, config: LMConfig, to_llama: bool) -> dict:
@@ -60,10 +60,10 @@ def _translate(state: dict, config: LMConfig, to_llama: bool) -> dict:
     for ours, theirs in _key_pairs(config.n_layers):
         src, dst = (ours, theirs) if to_llama else (theirs, ours)
         if src == "lm_head.weight" and src not in state:  # tied: saved once, as the embeddings
-            src = "model.embed_tokens.weight"
+            src = "model.tok_embeddings.weight" if to_llama else "model.embed_tokens.weight"
         w = state[src]
         heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}.get(
-            ours.split(".", 2)[-1])
+            ours.split(".", 3)[-1])
         if heads:
             w = (interleaved_to_half if to_llama else half_to_interleaved)(w, heads)
         out[dst] = w.contiguous()

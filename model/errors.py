@@ -28,7 +28,11 @@ def message_of(error: Exception) -> str:
 
 def run_script(main):
     """Run a script's `main()`. A ReportedError or a bad path ends the script with 'error: <message>' on stderr
-    and exit status 1, Ctrl-C with status 130 and no traceback; any other exception keeps its traceback."""
+    and exit status 1, Ctrl-C with status 130 and no traceback; any other exception keeps its traceback.
+    Third-party noise is silenced first (model.quiet_third_party)."""
+    from . import quiet_third_party
+
+    quiet_third_party()
     try:
         main()
     except USER_ERRORS as e:

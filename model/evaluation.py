@@ -78,7 +78,7 @@ def ceval_evaluate(model, tokenizer, data_dir, split: str = "val", shots: int = 
     """
     from tqdm import tqdm
 
-    from .generate import left_pad
+    from .engine import left_pad
 
     letter_ids = [tokenizer.encode(c, add_special_tokens=False)[0] for c in CHOICES]
     dev = read_ceval_split(data_dir, "dev") if shots else {}

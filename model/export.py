@@ -31,8 +31,9 @@ def export_hf(model, tokenizer, out_dir) -> Path:
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.config.auto_map = {"AutoConfig": "LMConfig.LMConfig", "AutoModelForCausalLM": "model.MiniMindLM"}
-    model.config.architectures = ["MiniMindLM"]
+    model.config.auto_map = {"AutoConfig": "LMConfig.LMConfig", "AutoModel": "model.MiniMindModel",
+                             "AutoModelForCausalLM": "model.MiniMindForCausalLM"}
+    model.config.architectures = ["MiniMindForCausalLM"]
     model.save_pretrained(tmp, safe_serialization=True)
     for name in CODE_FILES:
         shutil.copy(Path(__file__).parent / name, tmp / name)
@@ -69,12 +70,12 @@ GGUF_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv"
 
 def gguf_tensors(model) -> dict:
     state = model.state_dict()
-    out = {"token_embd.weight": state["tok_embeddings.weight"], "output_norm.weight": state["norm.weight"]}
+    out = {"token_embd.weight": state["model.tok_embeddings.weight"], "output_norm.weight": state["model.norm.weight"]}
     if not model.config.tie_word_embeddings:
-        out["output.weight"] = state["output.weight"]
+        out["output.weight"] = state["lm_head.weight"]
     for i in range(model.config.n_layers):
         for ours, theirs in GGUF_NAMES.items():
-            out[f"blk.{i}.{theirs}.weight"] = state[f"layers.{i}.{ours}.weight"]
+            out[f"blk.{i}.{theirs}.weight"] = state[f"model.layers.{i}.{ours}.weight"]
     return out
 
 

@@ -7,15 +7,14 @@ folders (transformers format with `config.json`, or the `--format llama` export)
 """
 import json
 import pickle
-import warnings
 from pathlib import Path
 
 import torch
 
-from .checkpoint import read_weights, strict_load
+from .checkpoint import read_weights, strict_load, upgrade_keys
 from .LMConfig import LMConfig, preset_config
 from .errors import InputError
-from .model import MiniMindLM, rope_inv_freq
+from .model import MiniMindForCausalLM, rope_inv_freq
 
 UPSTREAM_BUFFERS = ("pos_cis", "freqs_cis", "mask")  # non-weight buffers old upstream files may carry
 
@@ -34,16 +33,19 @@ def clean_keys(state: dict) -> dict:
 
 
 def infer_config(state: dict, **overrides) -> LMConfig:
-    """Dims readable from weight shapes; the head counts are not, so upstream's (16 q, 8 kv) are assumed."""
-    dim = state["tok_embeddings.weight"].shape[1]
-    n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
-    experts = {int(k.split(".")[4]) for k in state if ".feed_forward.experts." in k}
-    hidden = (state.get("layers.0.feed_forward.w1.weight") if not experts
-              else state["layers.0.feed_forward.experts.0.w1.weight"]).shape[0]
+    """Dims readable from weight shapes (names as `upgrade_keys` gives them); the head counts are not, so upstream's
+    (16 q, 8 kv) are assumed."""
+    embeddings, first = state["model.tok_embeddings.weight"], "model.layers.0."
+    dim = embeddings.shape[1]
+    n_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layers."))
+    experts = {int(k.split(".")[5]) for k in state if ".feed_forward.experts." in k}
+    hidden = (state.get(first + "feed_forward.w1.weight") if not experts
+              else state[first + "feed_forward.experts.0.w1.weight"]).shape[0]
     n_heads = overrides.pop("n_heads", 16)
     head_dim = dim // n_heads
-    kw = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=state["layers.0.attention.wk.weight"].shape[0] // head_dim,
-              vocab_size=state["tok_embeddings.weight"].shape[0], hidden_dim=hidden, use_moe=bool(experts))
+    kw = dict(dim=dim, n_layers=n_layers, n_heads=n_heads,
+              n_kv_heads=state[first + "attention.wk.weight"].shape[0] // head_dim,
+              vocab_size=embeddings.shape[0], hidden_dim=hidden, use_moe=bool(experts))
     if experts:
         kw["n_routed_experts"] = len(experts)
         kw["n_shared_experts"] = int(any(".shared_experts." in k for k in state))
@@ -90,7 +92,7 @@ def load_state(path, config: LMConfig | None = None, preset: str | None = None) 
         cfg = config or _config_from(meta, path / "model.safetensors", None)
         if cfg is None:
             raise InputError(f"{path} has no config; pass config= or --preset")
-        return clean_keys(state), cfg
+        return upgrade_keys(clean_keys(state)), cfg
     if path.suffix == ".safetensors":
         state, meta = read_weights(path)
         cfg = _config_from(meta, path, config)
@@ -107,7 +109,7 @@ def load_state(path, config: LMConfig | None = None, preset: str | None = None) 
         cfg = config
     else:
         raise InputError(f"unsupported checkpoint {path} (expected .safetensors, .pth, or a folder)")
-    state = clean_keys(state)
+    state = upgrade_keys(clean_keys(state))
     if cfg is None:
         cfg = preset_config(preset) if preset else infer_config(state)
     return state, cfg
@@ -123,45 +125,60 @@ def adapter_base(path: Path) -> str | None:
     return base
 
 
+def cast_model(model, dtype):
+    """model.to(dtype) with the RoPE frequencies kept in fp32: in bf16 the angle of position 500 would be off by up
+    to a radian (model.py's MiniMindModel.inv_freq)."""
+    model = model.to(dtype)
+    backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone.model.inv_freq = rope_inv_freq(backbone.config)[0].to(backbone.model.inv_freq.device)
+    return model
+
+
+def load_adapter(base, path: Path):
+    """A peft LoRA adapter folder on its base model. Adapters saved before the backbone/head split name their
+    weights in the old flat layout (`base_model.model.layers.0...`): they are renamed, and every LoRA weight of
+    the model must be found in the file."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.exists():
+        raise InputError(f"{path} has no adapter_model.safetensors")
+    config = PeftConfig.from_pretrained(str(path))
+    config.inference_mode = True
+    base.name_or_path = config.base_model_name_or_path  # peft records it as the adapter's base model
+    model = get_peft_model(base, config)
+    prefix = "base_model.model."
+    state = {prefix + k: v for k, v in upgrade_keys({k.removeprefix(prefix): v
+                                                     for k, v in load_file(str(weights)).items()}).items()}
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise InputError(f"adapter {path} does not fit its base model: missing {missing[:5]}, unexpected "
+                         f"{list(result.unexpected_keys)[:5]}")
+    return model
+
+
 def load_model(path, config: LMConfig | None = None, device="cpu", dtype=None, preset: str | None = None,
-               rope_scaling: dict | None = None, merge_lora: bool = True) -> MiniMindLM:
+               rope_scaling: dict | None = None, merge_lora: bool = True) -> MiniMindForCausalLM:
     """A ready model (eval mode) from any supported checkpoint. `rope_scaling` extends the context at inference."""
     path = resolve_path(path)
     base_path = adapter_base(path)
     if base_path:
-        from peft import PeftModel
-
         base = load_model(base_path, config, device, dtype, preset, rope_scaling)
-        model = PeftModel.from_pretrained(base, str(path))
+        model = load_adapter(base, path)
         return (model.merge_and_unload() if merge_lora else model).eval()
     state, cfg = load_state(path, config, preset)
     if rope_scaling is not None:
         cfg.rope_scaling = rope_scaling
         cfg.validate_shapes()
     with torch.device("meta"):
-        model = MiniMindLM(cfg)
+        model = MiniMindForCausalLM(cfg)
     model = model.to_empty(device="cpu")
-    model.inv_freq.copy_(rope_inv_freq(cfg)[0])
+    model.model.inv_freq.copy_(rope_inv_freq(cfg)[0])
     model.tie_weights()
     strict_load(model, state, str(path))
     model.tie_weights()
     if dtype is not None:
-        model = model.to(dtype)
+        model = cast_model(model, dtype)
     return model.to(device).eval()
-
-
-def quantize_int8(model: MiniMindLM) -> MiniMindLM:
-    """Int8 weights for inference: every Linear's weight stored as int8 with one scale per output row (torchao's
-    weight-only scheme, as gpt-fast uses it); activations stay in the model's dtype. The embedding stays as it is.
-
-    It pays off compiled (`compile_decoding`): inductor fuses the dequantization into the product and calls torch's
-    int8 matrix-vector kernel, which on CPU wants bf16 activations (fp32 ones take a slow path). Eager, every step
-    dequantizes every weight and runs slower than fp32. Measured: bench/bench_model.py.
-    """
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    # Compiling works; the warning says only that the compiled graph is not cached on disk for the next process.
-    warnings.filterwarnings("ignore", message="Int8Tensor does not implement _stable_hash_for_caching")
-    model.train().eval()  # the ordinary (out, in) layout: the int8 kernel needs contiguous rows
-    quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False))
-    return model

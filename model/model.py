@@ -1,8 +1,13 @@
-"""MiniMind: a Llama-style decoder (dense or mixture-of-experts) in one file.
+"""MiniMind: a Llama-style decoder (dense or mixture-of-experts) in one file, read top to bottom.
 
-Layout follows Meta's llama reference (`wq/wk/wv/wo`, `w1/w2/w3`, `tok_embeddings`, `output`), which is also
-upstream MiniMind's state-dict layout, so upstream checkpoints load without renaming. RoPE rotates *adjacent*
-pairs (x0,x1), (x2,x3), ... exactly as upstream's complex-number form does.
+Structure as in transformers' Llama and upstream MiniMind's current code: `MiniMindModel` (embeddings, blocks,
+final norm) returns hidden states; `MiniMindForCausalLM` adds the tied LM head and the loss. Inside a block the
+names follow Meta's llama reference and upstream MiniMind v1 (`wq/wk/wv/wo`, `w1/w2/w3`, `attention_norm`), so
+upstream checkpoints load with no more than a prefix (see model/loading.py). RoPE rotates *adjacent* pairs (x0,x1),
+(x2,x3), ... exactly as upstream's complex-number form does.
+
+This file holds no inference tricks: decoding speed (weight layout, the compiled step, int8) lives in
+model/engine.py, which prepares a model for decoding.
 
 Shapes: B batch, T new tokens, S = past + T keys, H query heads, K kv heads, D head dim, E routed experts.
 """
@@ -12,10 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .LMConfig import LMConfig
 
@@ -59,30 +65,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # ------------------------------------------------------------------------------------------------------- layers
-def weight_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T, as F.linear. For a few rows of fp32 on CPU at inference (batched decoding) it is computed as
-    (weight @ x^T)^T: with the weight as the long operand this CPU's BLAS picks a kernel about 1.4x faster
-    (16 rows; bench/bench_decode_parts.py)."""
-    rows = x.numel() // x.shape[-1]
-    if 1 < rows <= 64 and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
-        return (weight @ x.reshape(rows, -1).T).T.reshape(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
-
-
-def plain_linear(layer: nn.Module) -> bool:
-    """A bias-free nn.Linear with an ordinary weight: not an adapter, not a quantized layer or weight (torchao's
-    quantized weights are tensor subclasses that implement `linear` and little else)."""
-    return type(layer) is nn.Linear and layer.bias is None and type(layer.weight) is nn.Parameter
-
-
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x); at inference a plain linear goes through `weight_product` (adapters, quantized layers and
-    training keep their own forward)."""
-    if plain_linear(layer) and not torch.is_grad_enabled():
-        return weight_product(x, layer.weight)
-    return layer(x)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -106,33 +88,12 @@ class Attention(nn.Module):
         self.wo.is_residual_out = True
         self.dropout = config.dropout
         self.flash = config.flash_attn
-        self.wqkv = None  # set by MiniMindLM.use_decoding_layout: wq, wk, wv as views of this one weight
-
-    def qkv_fused(self) -> bool:
-        """True while wq, wk, wv are still the views of `wqkv` (moving or casting the model makes new tensors).
-
-        A compiled decode step cannot compare data pointers and trusts the flag: the generator lays the weights
-        out, with this check, before each call."""
-        if self.wqkv is None or torch.compiler.is_compiling():
-            return self.wqkv is not None
-        # Adapters or quantized weights since the layout: not fused any more.
-        return self.plain_qkv() and self.wqkv_ptrs == tuple(m.weight.data_ptr() for m in (self.wq, self.wk, self.wv))
-
-    def plain_qkv(self) -> bool:
-        """wq, wk, wv are plain linears (see `plain_linear`), the only ones the decoding layout fuses."""
-        return all(plain_linear(m) for m in (self.wq, self.wk, self.wv))
-
-    def project_qkv(self, x):
-        if self.qkv_fused():
-            return weight_product(x, self.wqkv).split((self.wq.out_features, self.wk.out_features, self.wv.out_features), -1)
-        return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
@@ -140,19 +101,13 @@ class Attention(nn.Module):
             q = q.to(k.dtype)
         dropout = self.dropout if self.training else 0.0
         causal = mask is None and T > 1  # no explicit mask: plain causal attention over T tokens, no past
-        if self.flash and T == 1:
-            # One new token: the H/K query heads that share a kv head are H/K query rows against its keys, a plain
-            # attention over (B, K) that runs faster than the GQA kernel on CPU (1.4x at 288 keys, 16 rows).
-            grouped = q.reshape(B, self.n_kv_heads, -1, self.head_dim)  # (B, K, H/K, D)
-            out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, dropout_p=dropout)
-            out = out.reshape(B, self.n_heads, 1, self.head_dim)
-        elif self.flash:
+        if self.flash:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                                                  enable_gqa=self.n_kv_heads != self.n_heads)
         else:
             out = self.explicit_attention(q, k, v, mask, causal, dropout)
         out = out.transpose(1, 2).reshape(B, T, -1).to(x.dtype)  # (B, T, H*D)
-        return linear(self.wo, out)  # (B, T, dim)
+        return self.wo(out)  # (B, T, dim)
 
     def explicit_attention(self, q, k, v, mask, causal, dropout):
         """softmax(q k^T / sqrt(D)) v, spelled out; the same result as the fused kernel."""
@@ -181,7 +136,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.dropout(linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x)))
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class MoEGate(nn.Module):
@@ -254,7 +209,11 @@ class MOEFeedForward(nn.Module):
         return (share * mean_prob).sum(dim=1).mean() * cfg.aux_loss_alpha
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(GradientCheckpointingLayer):
+    """Pre-norm attention and feed-forward, each added to the residual stream. With gradient checkpointing on
+    (`model.gradient_checkpointing_enable()`), training keeps only the block's input and recomputes the rest in
+    the backward pass."""
+
     def __init__(self, config: LMConfig, layer_idx: int):
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
@@ -263,7 +222,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward = (MOEFeedForward(config) if config.use_moe
                              else FeedForward(config.dim, config.hidden_dim, config.dropout))
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, mask, cache=None):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         out = self.feed_forward(self.ffn_norm(h))
         out, aux_loss = out if isinstance(out, tuple) else (out, None)
@@ -271,12 +230,9 @@ class TransformerBlock(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- the model
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) targets for (B, T) logits: position t predicts label t+1, the last position nothing (-100).
-
-    The labels are shifted, not the logits sliced: backward through a slice of the (B, T, vocab) logits would
-    allocate and zero-fill a second gradient of their full size (105 MB at batch 8 x 512 x 6400)."""
-    return F.pad(labels[:, 1:], (0, 1), value=-100)
+@dataclass
+class MiniMindModelOutput(BaseModelOutputWithPast):
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (training only)
 
 
 @dataclass
@@ -284,24 +240,12 @@ class MiniMindOutput(CausalLMOutputWithPast):
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss, already included in `loss`
 
 
-class MiniMindLM(PreTrainedModel, GenerationMixin):
+class MiniMindPreTrainedModel(PreTrainedModel):
     config_class = LMConfig
-    base_model_prefix = "minimind"
+    base_model_prefix = "model"
     _no_split_modules = ["TransformerBlock"]
-    _tied_weights_keys = {"output.weight": "tok_embeddings.weight"}
     _supports_sdpa = True
-    supports_gradient_checkpointing = False
-
-    def __init__(self, config: LMConfig):
-        super().__init__(config)
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        inv_freq, self.rope_attention_scale = rope_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.post_init()
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module):
         std = 0.02
@@ -310,97 +254,34 @@ class MiniMindLM(PreTrainedModel, GenerationMixin):
             if getattr(module, "is_residual_out", False):
                 std = std / math.sqrt(2 * self.config.n_layers)
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, (nn.Embedding, MoEGate)):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
-        elif isinstance(module, MoEGate):
-            init.normal_(module.weight, mean=0.0, std=std)
-        if module is self:
-            init.copy_(self.inv_freq, rope_inv_freq(self.config)[0])
+        elif isinstance(module, MiniMindModel):
+            init.copy_(module.inv_freq, rope_inv_freq(self.config)[0])
 
-    # ------------------------------------------------------------------------------------ inference weight layout
-    def use_decoding_layout(self, batch_size: int = 1):
-        """Lay the weights out for decoding `batch_size` rows at a time; values are unchanged, `train()` undoes it.
 
-        Each step of decoding streams every weight through a matrix-vector product, so layout is speed:
-        - wq, wk, wv become views of one (q+k+v, dim) weight, read by one product instead of three;
-        - for one row, fp32 weights on CPU whose output is at least as wide as their input (wq/wk/wv, wo, w1, w3,
-          the head) are stored transposed, (in, out) in memory, where this CPU's fp32 GEMV streams them up to 2x
-          faster; narrowing ones (w2) stream best as they are. bf16 GEMV is fastest untransposed, and several
-          rows (see `weight_product`) are fastest with the usual layout, so those keep it.
-          Measured: python bench/bench_decode_parts.py [--training_layout].
-        """
-        if self.training:
-            return self
-        fused_linears = set()
-        with torch.no_grad():
-            for layer in self.layers:
-                attn = layer.attention
-                if not attn.plain_qkv():
-                    attn.wqkv = None  # adapters or quantized layers: leave them alone, and forget an older layout
-                    continue
-                qkv = (attn.wq, attn.wk, attn.wv)
-                fused_linears.update(qkv)
-                weights = [m.weight for m in qkv]
-                transposed = self._transposed_is_faster(weights[0], batch_size)
-                if attn.qkv_fused() and attn.wqkv.t().is_contiguous() == transposed:
-                    continue  # already laid out (and still the weights' own storage)
-                if transposed:  # a (dim, q+k+v) buffer, seen transposed
-                    fused = torch.cat([w.t() for w in weights], dim=1).t()
-                else:
-                    fused = torch.cat(weights, dim=0)
-                for w, block in zip(weights, fused.split([w.shape[0] for w in weights])):
-                    w.data = block
-                attn.wqkv, attn.wqkv_ptrs = fused, tuple(w.data_ptr() for w in weights)
-            for module in self.modules():
-                if plain_linear(module) and module not in fused_linears:
-                    w = module.weight
-                    transposed = self._transposed_is_faster(w, batch_size)
-                    if transposed and not w.t().is_contiguous():
-                        w.data = w.data.t().contiguous().t()
-                    elif not transposed and not w.is_contiguous():
-                        w.data = w.data.contiguous()
-        return self
+class MiniMindModel(MiniMindPreTrainedModel):
+    """The backbone: token embeddings, the blocks and the final norm; returns the last hidden states."""
 
-    @staticmethod
-    def _transposed_is_faster(weight, batch_size: int) -> bool:
-        return (batch_size == 1 and weight.device.type == "cpu" and weight.dtype == torch.float32
-                and weight.shape[0] >= weight.shape[1])
-
-    def train(self, mode: bool = True):
-        if mode:  # back to the training layout: every weight contiguous, in its own storage
-            with torch.no_grad():
-                for layer in self.layers:
-                    attn = layer.attention
-                    if attn.wqkv is not None:
-                        for m in (attn.wq, attn.wk, attn.wv):
-                            m.weight.data = m.weight.data.clone(memory_format=torch.contiguous_format)
-                        attn.wqkv = None
-                for p in self.parameters():
-                    if not p.is_contiguous():
-                        p.data = p.data.contiguous()
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        # RoPE frequencies stay fp32 whatever dtype the weights are cast to: in bf16 (8-bit mantissa) the angle of
-        # position 500 would be off by up to a radian.
-        super()._apply(fn, *args, **kwargs)
-        if self.inv_freq.dtype != torch.float32:
-            self.inv_freq = rope_inv_freq(self.config)[0].to(self.inv_freq.device)
-        return self
+    def __init__(self, config: LMConfig):
+        super().__init__(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # fp32 frequencies: whoever casts the model keeps this buffer in fp32 (model.loading.cast_model), since in
+        # bf16 the angle of position 500 would be off by up to a radian.
+        inv_freq, self.rope_attention_scale = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.post_init()
 
     def get_input_embeddings(self):
         return self.tok_embeddings
 
     def set_input_embeddings(self, value):
         self.tok_embeddings = value
-
-    def get_output_embeddings(self):
-        return self.output
-
-    def set_output_embeddings(self, value):
-        self.output = value
 
     def rotary(self, position_ids: torch.Tensor):
         """cos/sin (B, T, 1, D/2) for integer positions (B, T); any position works, there is no table to outgrow."""
@@ -424,17 +305,19 @@ class MiniMindLM(PreTrainedModel, GenerationMixin):
             mask = (mask & keep) | (key_pos == query_pos)[None, None]
         return mask
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, cache=None,
-                use_cache=None, labels=None, inputs_embeds=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, output_hidden_states=None, past_key_values=None, **kwargs) -> MiniMindModelOutput:
+        """`cache`: anything with `update(k, v, layer_idx)` and `get_seq_length()` (transformers' caches, ours in
+        model/engine.py). A 4-D `attention_mask` (B, 1, T, S), bool or additive, is used as given, with the
+        caller's `position_ids`; a 2-D one marks padding."""
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         h = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
         B, T, _ = h.shape
-        prepared = attention_mask is not None and attention_mask.dim() == 4
-        if prepared and position_ids is None:
-            raise ValueError("a 4-D attention_mask needs position_ids")
-        if prepared:  # (B, 1, T, S), built by the caller: bool (True attends) or additive float
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if position_ids is None:
+                raise ValueError("a 4-D attention_mask needs position_ids")
             mask = attention_mask
         else:
             past = cache.get_seq_length() if cache is not None else 0
@@ -447,26 +330,78 @@ class MiniMindLM(PreTrainedModel, GenerationMixin):
         cos, sin = self.rotary(position_ids)
 
         h = self.dropout(h)
-        aux_losses = []
+        hidden_states, aux_losses = [], []
         for layer in self.layers:
-            h, aux_loss = layer(h, cos, sin, mask, cache)
+            if output_hidden_states:
+                hidden_states.append(h)
+            h, aux_loss = layer(h, cos, sin, mask, cache=cache)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         h = self.norm(h)
+        if output_hidden_states:
+            hidden_states.append(h)
+        return MiniMindModelOutput(last_hidden_state=h, cache=cache,
+                                   hidden_states=tuple(hidden_states) if output_hidden_states else None,
+                                   aux_loss=torch.stack(aux_losses).sum() if aux_losses else None)
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) targets for (B, T) logits: position t predicts label t+1, the last position nothing (-100).
+
+    The labels are shifted, not the logits sliced: backward through a slice of the (B, T, vocab) logits would
+    allocate and zero-fill a second gradient of their full size (105 MB at batch 8 x 512 x 6400)."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
+    """The backbone and a language-model head tied to the token embeddings; `labels` give the next-token loss."""
+    _tied_weights_keys = {"lm_head.weight": "model.tok_embeddings.weight"}
+
+    def __init__(self, config: LMConfig):
+        super().__init__(config)
+        self.model = MiniMindModel(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, labels=None, logits_to_keep=0, output_hidden_states=None, past_key_values=None,
+                num_items_in_batch=None, **kwargs) -> MiniMindOutput:
+        out = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
+                         output_hidden_states, past_key_values)
+        h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = linear(self.output, h)  # (B, T, vocab)
+        logits = self.lm_head(h)  # (B, T, vocab)
 
-        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), next_token_targets(labels).flatten(), ignore_index=-100)
-            if aux_loss is not None:
-                loss = loss + aux_loss
-        return MiniMindOutput(loss=loss, logits=logits, cache=cache if use_cache or cache is not None else None,
-                              aux_loss=aux_loss)
+            targets = next_token_targets(labels).flatten()
+            if num_items_in_batch is None:  # the mean over this batch's labelled tokens
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=-100)
+            else:  # a trainer that accumulates gradients divides by the labelled tokens of the whole step
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=-100,
+                                       reduction="sum") / num_items_in_batch
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+        return MiniMindOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                              aux_loss=out.aux_loss)
 
 
+MiniMindLM = MiniMindForCausalLM  # the name upstream MiniMind v1 and our earlier code use
 
 AutoConfig.register("minimind", LMConfig, exist_ok=True)
-AutoModelForCausalLM.register(LMConfig, MiniMindLM, exist_ok=True)
+AutoModel.register(LMConfig, MiniMindModel, exist_ok=True)
+AutoModelForCausalLM.register(LMConfig, MiniMindForCausalLM, exist_ok=True)
+
+try:  # peft picks LoRA targets by model type when none are given: ours, like Llama's, the query and value projections
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as _peft_targets
+
+    _peft_targets.setdefault("minimind", ["wq", "wv"])
+except ImportError:
+    pass

@@ -1,17 +1,16 @@
 """An OpenAI-compatible chat server (FastAPI): /v1/models, /v1/chat/completions (streaming or not), /health.
 
-Requests are batched: a worker thread takes every request waiting (up to --max_batch) and decodes them
-together, each row with its own sampling settings and its own stop conditions. Every batch has its own KV
-cache (see model.generate), so requests never share state. A client that disconnects is dropped from its
-batch at the next step.
+Requests are scheduled per decode step by model/scheduler.py: a request joins the running batch at the next
+step and leaves it the moment it finishes, each row with its own sampling settings, stops and KV-cache row, so
+no request shares state with another or waits for another to finish. Every field is checked before a request
+reaches the scheduler (a 400 with OpenAI's error body); past `--max_queue` waiting requests the answer is a 429.
+A client that disconnects frees its row at the next step.
 """
 import asyncio
 import json
-import queue
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,9 +18,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .generate import SamplingParams, stream_text
+from .generate import SamplingParams
+from .scheduler import QueueFull, Request as Job, Scheduler
 
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+INT64 = 2 ** 63  # OpenAI's integer fields are 64-bit signed
 
 
 class APIError(Exception):
@@ -46,66 +47,18 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
+    n: int = Field(default=1, ge=1)
     stream_options: dict | None = None
 
 
-@dataclass
-class Job:
-    prompt: list[int]
-    params: SamplingParams
-    deltas: "queue.Queue" = field(default_factory=queue.Queue)  # TextDelta or None (the end)
-    cancelled: bool = False
-    tokens: int = 0  # generated so far
-
-
-class BatchEngine:
-    """One worker thread; each loop takes all waiting jobs (up to max_batch) and decodes them as one batch."""
-
-    def __init__(self, model, tokenizer, max_batch: int = 16, gather_ms: float = 5.0):
-        self.model, self.tokenizer, self.max_batch, self.gather = model, tokenizer, max_batch, gather_ms / 1000
-        self.jobs: "queue.Queue[Job]" = queue.Queue()
-        self.alive = True
-        self.active = self.cancelled = self.served = self.cancelled_tokens = 0
-        self.thread = threading.Thread(target=self._run, daemon=True, name="minimind-batcher")
-        self.thread.start()
-
-    def submit(self, job: Job) -> Job:
-        self.jobs.put(job)
-        return job
-
-    def _take_batch(self):
-        batch = [self.jobs.get()]
-        deadline = time.monotonic() + self.gather
-        while len(batch) < self.max_batch:
-            try:
-                batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                break
-        return [j for j in batch if not j.cancelled]
-
-    def _run(self):
-        while self.alive:
-            batch = self._take_batch()
-            if not batch:
-                continue
-            self.active = len(batch)
-            try:
-                for deltas in stream_text(self.model, self.tokenizer, [j.prompt for j in batch],
-                                          [j.params for j in batch], cancelled=lambda row: batch[row].cancelled):
-                    for d in deltas:
-                        batch[d.row].tokens += len(d.token_ids)
-                        batch[d.row].deltas.put(d)
-            except Exception as e:  # report to every waiting client instead of hanging them
-                for j in batch:
-                    j.deltas.put(e)
-            for j in batch:
-                j.deltas.put(None)
-            self.active = 0
-            self.served += len(batch)
-            self.cancelled += sum(j.cancelled for j in batch)
-            self.cancelled_tokens += sum(j.tokens for j in batch if j.cancelled)
+def check_text(text: str, where: str) -> str:
+    """Text that is valid Unicode: a lone surrogate (JSON's "\\ud800") has no UTF-8 form and no tokens."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{where} is not valid Unicode ({e.reason} at position {e.start})", where) from e
+    return text
 
 
 def normalize_messages(messages) -> list[dict]:
@@ -128,7 +81,7 @@ def normalize_messages(messages) -> list[dict]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": check_text(content, f"messages[{i}].content")})
     if out[0]["role"] == "system":
         systems = [m["content"] for m in out if m["role"] == "system"]
         out = [{"role": "system", "content": "\n".join(systems)}] + [m for m in out if m["role"] != "system"]
@@ -140,15 +93,17 @@ def normalize_messages(messages) -> list[dict]:
 
 
 def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | None = None, max_batch: int = 16,
-               context_length: int | None = None, defaults: SamplingParams | None = None) -> FastAPI:
-    """`defaults` sample what a request leaves out (top_k and repetition_penalty, which OpenAI's API lacks, always;
-    max_tokens capped by the context); without them, OpenAI's: temperature 1, top_p 1, up to the context."""
+               context_length: int | None = None, defaults: SamplingParams | None = None, max_queue: int = 64,
+               prefill_chunk: int = 128) -> FastAPI:
+    """`model`: a model or an Engine (model/engine.py). `defaults` sample what a request leaves out (top_k and
+    repetition_penalty, which OpenAI's API lacks, always; max_tokens capped by the context); without them, OpenAI's:
+    temperature 1, top_p 1, up to the context."""
     app = FastAPI(title="MiniMind OpenAI-compatible API")
-    engine = BatchEngine(model, tokenizer, max_batch)
     context = context_length or model.config.max_seq_len
+    scheduler = Scheduler(model, tokenizer, max_batch, max_queue, prefill_chunk, capacity=context)
     defaults = defaults or SamplingParams(max_new_tokens=context, temperature=1.0)  # OpenAI's
     created = int(time.time())
-    app.state.engine = engine
+    app.state.scheduler = scheduler
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -178,10 +133,11 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "worker_alive": engine.thread.is_alive(),
-                "active_requests": engine.active, "queued_requests": engine.jobs.qsize(),
-                "served_requests": engine.served, "cancelled_requests": engine.cancelled,
-                "tokens_of_cancelled_requests": engine.cancelled_tokens}
+        return {"status": "ok", "model": model_name, "worker_alive": scheduler.thread.is_alive(),
+                "active_requests": len({id(c.request) for c in scheduler.rows}), "active_rows": len(scheduler.rows),
+                "queued_requests": scheduler.queued, "served_requests": scheduler.served,
+                "cancelled_requests": scheduler.cancelled, "failed_rows": scheduler.failed,
+                "tokens_of_cancelled_requests": scheduler.cancelled_tokens}
 
     @app.get("/v1/models")
     async def models():
@@ -191,8 +147,8 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         messages = normalize_messages(body.messages)
-        if body.n != 1:
-            raise APIError(400, "only n=1 is supported", "n")
+        if body.n > max_batch:
+            raise APIError(400, f"n must be at most {max_batch} (the server's --max_batch)", "n")
         prompt = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
         room = context - len(prompt)
         if room <= 0:
@@ -209,73 +165,85 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4:
             raise APIError(400, "at most 4 stop sequences", "stop")
+        for i, s in enumerate(stop):
+            check_text(s, f"stop[{i}]")
         given = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
         params = replace(defaults, max_new_tokens=max_tokens, stop=tuple(stop),
                          **{name: value for name, value in given.items() if value is not None})
-        job = engine.submit(Job(prompt, params))
-        rid, name = f"chatcmpl-{uuid.uuid4().hex[:24]}", model_name
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job = Job(prompt, params, lambda index, item: loop.call_soon_threadsafe(events.put_nowait, (index, item)),
+                  n=body.n)
+        try:
+            scheduler.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}; retry later", kind="rate_limit_error",
+                           code="rate_limit_exceeded") from e
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream_chunks(job, rid, name, len(prompt), usage), media_type="text/event-stream")
-        text, finish, completion = "", None, 0
-        async for d in next_deltas(job, request):
-            text += d.text
+            return StreamingResponse(stream_chunks(job, events, rid, model_name, len(prompt), usage),
+                                     media_type="text/event-stream")
+        texts, finishes, completion = [""] * body.n, [None] * body.n, 0
+        async for index, d in next_events(job, events, request):
+            if isinstance(d, Exception):
+                raise APIError(500, f"generation failed: {d}", kind="server_error")
+            texts[index] += d.text
             completion += len(d.token_ids)
-            finish = d.finish_reason or finish
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish}],
+            finishes[index] = d.finish_reason or finishes[index]
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                             "finish_reason": finishes[i]} for i in range(body.n)],
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
                           "total_tokens": len(prompt) + completion}}
 
     return app
 
 
-async def next_deltas(job: Job, request: Request | None = None):
-    """The job's deltas as they come, without blocking the event loop; stops the job if the client leaves."""
-    loop = asyncio.get_running_loop()
+async def next_events(job: Job, events: asyncio.Queue, request: Request | None = None):
+    """(choice index, TextDelta or Exception) as the scheduler sends them; stops the job if the client leaves."""
     while True:
         try:
-            item = await loop.run_in_executor(None, job.deltas.get, True, 0.5)
-        except queue.Empty:
+            index, item = await asyncio.wait_for(events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
             if request is not None and await request.is_disconnected():
                 job.cancelled = True
                 return
             continue
-        if item is None:
+        if index is None:
             return
-        if isinstance(item, Exception):
-            raise APIError(500, f"generation failed: {item}", kind="server_error")
-        yield item
+        yield index, item
 
 
-async def stream_chunks(job: Job, rid: str, name: str, prompt_tokens: int, include_usage: bool):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-    def chunk(delta, finish=None, usage=None):
+async def stream_chunks(job: Job, events: asyncio.Queue, rid: str, name: str, prompt_tokens: int,
+                        include_usage: bool):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; a row that fails gets an error
+    event (the status line is already sent) and the other choices go on."""
+    def chunk(index, delta, finish=None, usage=None):
         body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
         if usage is not None:
             body["choices"], body["usage"] = [], usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    completion, finish, done = 0, None, False
+    completion, done = 0, False
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        try:
-            async for d in next_deltas(job):
-                completion += len(d.token_ids)
-                finish = d.finish_reason or finish
-                if d.text:
-                    yield chunk({"content": d.text})
-        except APIError as e:  # the status line is already sent: report the failure in the stream
-            yield f"data: {json.dumps(error_body(e.message, e.kind))}\n\n"
-            return
-        yield chunk({}, finish or "stop")
+        for index in range(job.n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for index, d in next_events(job, events):
+            if isinstance(d, Exception):
+                yield f"data: {json.dumps(error_body(f'generation failed: {d}', 'server_error'))}\n\n"
+                continue
+            completion += len(d.token_ids)
+            if d.text:
+                yield chunk(index, {"content": d.text})
+            if d.finish_reason:
+                yield chunk(index, {}, d.finish_reason)
         if include_usage:
-            yield chunk(None, usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                     "total_tokens": prompt_tokens + completion})
+            yield chunk(0, None, usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                        "total_tokens": prompt_tokens + completion})
         yield "data: [DONE]\n\n"
         done = True
     finally:
-        if not done:  # the client went away and closed this generator: its row stops at the next step
+        if not done:  # the client went away and closed this generator: its rows stop at the next step
             job.cancelled = True

@@ -113,7 +113,7 @@ def sft_task(args):
     if args.freeze_embeddings:
         # The tied embedding/output matrix holds what pretraining learned about every word; freezing it
         # keeps small-data SFT from overwriting facts it never shows (see the demo corpus notes).
-        model.tok_embeddings.weight.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(False)
     tokenizer = load_tokenizer_for(args)
     data = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
     train, val = hold_out(data) if not args.val_path else (data, SFTDataset(args.val_path, tokenizer, args.max_seq_len))

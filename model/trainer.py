@@ -276,7 +276,8 @@ class Trainer:
         if self.world > 1 and args.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for layer in self.raw_model.layers:
+            blocks = set(getattr(self.raw_model, "_no_split_modules", None) or ())
+            for layer in [m for m in self.raw_model.modules() if type(m).__name__ in blocks]:
                 fully_shard(layer)
             fully_shard(self.raw_model)
             return model

@@ -31,7 +31,7 @@ def bad_inputs(tmp_path_factory):
     model = tiny_model(vocab_size=1000)
     save_weights(root / "page" / "full_sft_64.safetensors", model.state_dict(), model.config)
     state = model.state_dict()
-    del state["norm.weight"]
+    del state["model.norm.weight"]
     torch.save(state, root / "missing_norm.pth")
     return root
 
@@ -44,9 +44,9 @@ def run(script, *args):
     ("2-eval.py", ["--ckpt", "{root}/nowhere.safetensors", "--prompt", "Hi"], "no checkpoint at {root}/nowhere"),
     ("2-eval.py", ["--ckpt", "{root}/garbage.safetensors", "--prompt", "Hi"], "{root}/garbage.safetensors is not a readable safetensors file (Error while deserializing header"),
     ("0-eval_pretrain.py", ["--ckpt", "{root}/missing_norm.pth"],
-     "checkpoint {root}/missing_norm.pth does not match the model:\n  missing keys (1): norm.weight\n"),
+     "checkpoint {root}/missing_norm.pth does not match the model:\n  missing keys (1): model.norm.weight\n"),
     ("eval_ceval.py", ["--ckpt", "{root}/missing_norm.pth", "--data_dir", "{root}"],
-     "checkpoint {root}/missing_norm.pth does not match the model:\n  missing keys (1): norm.weight\n"),
+     "checkpoint {root}/missing_norm.pth does not match the model:\n  missing keys (1): model.norm.weight\n"),
     ("2-eval.py", ["--ckpt", "{root}/page/full_sft_64.safetensors", "--prompt", "Hi", "--temperature", "-1"],
      "temperature must be 0 (greedy) or more, got -1.0"),
     ("1-pretrain.py", ["--data_path", "{root}/no_tokens", "--preset", "demo", "--out_dir", "{root}/out"],

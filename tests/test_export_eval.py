@@ -110,9 +110,9 @@ def test_gguf_export_reads_back(checkpoint, demo_data, tmp_path):
     state = load_model(checkpoint).state_dict()
     tensors = {t.name: t for t in reader.tensors}
     assert len(tensors) == 2 + 9 * 2  # embeddings, final norm, 9 per layer (output tied to embeddings)
-    for ours, theirs in [("tok_embeddings.weight", "token_embd.weight"), ("norm.weight", "output_norm.weight"),
-                         ("layers.1.attention.wq.weight", "blk.1.attn_q.weight"),
-                         ("layers.0.feed_forward.w2.weight", "blk.0.ffn_down.weight")]:
+    for ours, theirs in [("model.tok_embeddings.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"),
+                         ("model.layers.1.attention.wq.weight", "blk.1.attn_q.weight"),
+                         ("model.layers.0.feed_forward.w2.weight", "blk.0.ffn_down.weight")]:
         data = torch.from_numpy(tensors[theirs].data.copy()).reshape(state[ours].shape)
         torch.testing.assert_close(data, state[ours], atol=0, rtol=0)
 

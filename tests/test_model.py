@@ -3,21 +3,24 @@ import copy
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from conftest import tiny_config, tiny_model
 from model.LMConfig import preset_config
-from model.model import MiniMindLM
+from model.model import MiniMindForCausalLM, MiniMindModel
 from model.convert import llama_config, to_llama_state_dict
 from model.errors import InputError
-from model.generate import SamplingParams, compile_decoding, generate_ids
-from model.loading import quantize_int8
+from model.generate import SamplingParams, generate_ids
 
 
 def tokens(model, prompts, params):
     """Every step's tokens of our generator, (steps, B), as lists; no EOS, so every row runs its length."""
     return torch.stack(list(generate_ids(model, prompts, params, eos_token_id=-1))).tolist()
+
+
+def v1_names(state: dict) -> dict:
+    """Our state dict in upstream MiniMind v1's flat names, as its .pth files and our files before the split had."""
+    return {k.removeprefix("model.").replace("lm_head.", "output."): v for k, v in state.items()}
 
 
 def to_llama(model):
@@ -94,7 +97,7 @@ def naive_moe(ffn, x):
 
 def test_moe_dispatch_equals_naive_loop():
     model = tiny_model(use_moe=True, n_routed_experts=4, num_experts_per_tok=2)
-    ffn = model.layers[0].feed_forward
+    ffn = model.model.layers[0].feed_forward
     x = torch.randn(3, 7, 64)
     with torch.no_grad():
         batched, _ = ffn(x)
@@ -110,7 +113,7 @@ def test_moe_aux_loss_is_in_the_loss_and_trains_the_gate():
     torch.testing.assert_close(out.loss, plain + out.aux_loss)
     # The balance loss alone sends a gradient to every router.
     out.aux_loss.backward()
-    for layer in model.layers:
+    for layer in model.model.layers:
         assert layer.feed_forward.gate.weight.grad.abs().sum() > 0
     model.zero_grad()
     model(ids, labels=ids).loss.backward()
@@ -132,7 +135,7 @@ def test_moe_eval_has_no_aux_loss_and_cache_works():
 @pytest.mark.parametrize("preset,expected", [("minimind-v1-small", 26e6), ("minimind-v1", 108e6)])
 def test_preset_parameter_counts_match_the_seed_table(preset, expected):
     with torch.device("meta"):
-        model = MiniMindLM(preset_config(preset))
+        model = MiniMindForCausalLM(preset_config(preset))
     count = sum(p.numel() for p in model.parameters())
     assert abs(count - expected) / expected < 0.05, count
 
@@ -167,11 +170,11 @@ def test_save_and_load_pretrained_round_trip(tmp_path, model):
     assert (tmp_path / "model.safetensors").exists()
     assert AutoConfig.from_pretrained(tmp_path).model_type == "minimind"
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert isinstance(loaded, MiniMindLM)
+    assert isinstance(loaded, MiniMindForCausalLM)
     ids = torch.randint(0, 128, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
-    assert loaded.output.weight.data_ptr() == loaded.tok_embeddings.weight.data_ptr()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.tok_embeddings.weight.data_ptr()
 
 
 def test_peft_lora_wraps_and_trains_a_step(model):
@@ -209,8 +212,9 @@ def test_upstream_pth_state_dict_loads_and_mismatches_are_named(tmp_path):
     from model.loading import load_model
 
     model = tiny_model(use_moe=True)
-    # Upstream saved the raw state dict (sometimes from a DDP or compiled wrapper) with its rope buffer.
-    state = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    # Upstream saved the raw state dict (sometimes from a DDP or compiled wrapper) with its rope buffer, in v1's flat
+    # names (no backbone prefix, the head as `output`).
+    state = {f"module._orig_mod.{k}": v for k, v in v1_names(model.state_dict()).items()}
     state["module._orig_mod.pos_cis"] = torch.zeros(64, 8, dtype=torch.complex64)
     torch.save(state, tmp_path / "full_sft_64_moe.pth")
     config = tiny_config(use_moe=True)
@@ -226,8 +230,8 @@ def test_upstream_pth_state_dict_loads_and_mismatches_are_named(tmp_path):
     with pytest.raises(CheckpointMismatch) as err:
         load_model(tmp_path / "broken.pth", config=config)
     message = str(err.value)
-    assert "missing keys (1): layers.1.ffn_norm.weight" in message
-    assert "shape of layers.0.attention.wq.weight: model (64, 64), checkpoint (32, 64)" in message
+    assert "missing keys (1): model.layers.1.ffn_norm.weight" in message
+    assert "shape of model.layers.0.attention.wq.weight: model (64, 64), checkpoint (32, 64)" in message
 
 
 def test_each_generation_call_owns_its_cache(model):
@@ -269,82 +273,87 @@ def test_top_p_zero_samples_the_most_likely_token_and_bad_settings_are_refused(m
             SamplingParams(**bad)
 
 
+
+
+def test_backbone_and_head_as_transformers_expects():
+    """base_model_prefix names the backbone: `model.base_model` returns hidden states (what trl's fused LM-head
+    loss and AutoModel users read), with every layer's when asked; the head is tied to the embeddings."""
+    model = tiny_model()
+    assert model.base_model is model.model and isinstance(model.model, MiniMindModel)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        out = model.base_model(input_ids=ids, output_hidden_states=True)
+        logits = model(ids).logits
+    assert out.last_hidden_state.shape == (2, 9, 64) and len(out.hidden_states) == model.config.n_layers + 1
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+    torch.testing.assert_close(model.get_output_embeddings()(out.last_hidden_state), logits)
+    assert model.lm_head.weight is model.model.tok_embeddings.weight
+    assert type(AutoModelForCausalLM.from_config(model.config)) is MiniMindForCausalLM
+
+
 @pytest.mark.parametrize("use_moe", [False, True])
-def test_decoding_layout_keeps_values_and_train_restores_the_training_layout(use_moe, tmp_path):
+def test_gradient_checkpointing_gives_the_same_gradients(use_moe):
+    model = tiny_model(use_moe=use_moe, dropout=0.0).train()
+    ids = torch.randint(0, 128, (2, 16))
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    recomputed = []
+    model.model.layers[0].attention.register_forward_hook(lambda *a: recomputed.append(1))
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    checkpointed = grads()
+    assert len(recomputed) == 2  # the block ran again in the backward pass
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_peft_picks_lora_targets_without_being_told():
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_model(), LoraConfig(r=2, task_type="CAUSAL_LM"))
+    adapted = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"wq", "wv"}  # as for Llama: the query and value projections
+
+
+def test_files_in_the_flat_v1_layout_load(tmp_path, model):
+    """Our safetensors files and LoRA adapters from before the backbone/head split (flat v1 names) still load."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
     from model.checkpoint import save_weights
+    from model.loading import load_model
 
-    model = tiny_model(use_moe=use_moe)
-    ids = torch.randint(3, 128, (2, 12))
-    expected = model(ids).logits
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.use_decoding_layout()
-    attn = model.layers[0].attention
-    assert attn.qkv_fused() and attn.wq.weight.untyped_storage().data_ptr() == attn.wv.weight.untyped_storage().data_ptr()
-    assert attn.wo.weight.t().is_contiguous()  # fp32 on CPU: stored (in, out)
-    torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k
-    save_weights(tmp_path / "w.safetensors", model.state_dict())  # views of one buffer still save
-    # Casting makes new tensors: the fused view is dropped rather than used stale, and laid out again on demand.
-    half = model.to(torch.bfloat16)
-    assert not half.layers[0].attention.qkv_fused()
-    assert half.inv_freq.dtype == torch.float32  # RoPE frequencies keep full precision
-    torch.testing.assert_close(half(ids).logits.float(), expected, atol=0.1, rtol=0.05)
-    half.use_decoding_layout()
-    assert half.layers[0].attention.qkv_fused() and half.layers[0].attention.wo.weight.is_contiguous()
-    model = half.float().train()
-    ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    assert all(p.is_contiguous() for p in model.parameters()) and len(ptrs) == len(list(model.parameters()))
-    assert model.layers[0].attention.wqkv is None
-    model(input_ids=ids, labels=ids).loss.backward()
-    assert model.layers[0].attention.wq.weight.grad is not None
-
-
-@pytest.mark.parametrize("flash", [True, False])
-def test_compiled_decoding_equals_eager_for_any_length_without_recompiling(flash):
-    """compile_decoding's fixed-shape step (cache written in place, additive mask over all its columns) gives the
-    eager tokens: left-padded rows, greedy beside seeded sampling; a call of other lengths reuses the graph."""
-    model = tiny_model(flash_attn=flash)
-    graphs = counters["stats"]["unique_graphs"]
-    compiled = compile_decoding(copy.deepcopy(model))
-    assert counters["stats"]["unique_graphs"] > graphs  # compiled while loading, for one row
-    greedy, sampled = SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=9, temperature=1.0, seed=3)
-    prompts = [torch.randint(3, 128, (9,)).tolist(), torch.randint(3, 128, (4,)).tolist()]
-    graphs = counters["stats"]["unique_graphs"]
-    assert tokens(compiled, prompts, [greedy, sampled]) == tokens(model, prompts, [greedy, sampled])
-    assert counters["stats"]["unique_graphs"] > graphs  # two rows: the compiled step ran, compiled for them
-    graphs = counters["stats"]["unique_graphs"]
-    longer = [torch.randint(3, 128, (17,)).tolist(), torch.randint(3, 128, (2,)).tolist()]
-    assert tokens(compiled, longer, SamplingParams(max_new_tokens=30)) == tokens(model, longer, SamplingParams(max_new_tokens=30))
-    assert counters["stats"]["unique_graphs"] == graphs
-
-
-def test_compiled_decoding_follows_a_cast_of_the_weights():
-    """The compiled step guards the weights it reads: after a cast to bf16 it compiles anew and gives bf16's tokens
-    instead of running the fp32 graph on bf16 weights."""
-    model = tiny_model()
-    compiled = compile_decoding(copy.deepcopy(model)).to(torch.bfloat16)
-    reference = copy.deepcopy(model).to(torch.bfloat16)
-    prompt = [torch.randint(3, 128, (6,)).tolist()]
-    graphs = counters["stats"]["unique_graphs"]
-    params = SamplingParams(max_new_tokens=10)
-    assert tokens(compiled, prompt, params) == tokens(reference, prompt, params)
-    assert counters["stats"]["unique_graphs"] > graphs
-
-
-def test_int8_weights():
-    """quantize_int8: every Linear's weight becomes int8 with a scale per row (torchao), logits stay near the
-    full-precision ones, and the compiled int8 step gives the eager int8 model's greedy tokens."""
-    model = tiny_model()
-    ids = torch.randint(3, 128, (2, 12))
+    old = tmp_path / "full_sft_64.safetensors"
+    save_weights(old, v1_names(model.state_dict()), model.config)
+    assert "model.tok_embeddings.weight" not in load_file(str(old))
+    ids = torch.randint(0, 128, (1, 10))
+    loaded = load_model(old)
     with torch.no_grad():
-        expected = model(ids).logits
-    int8 = quantize_int8(copy.deepcopy(model).to(torch.bfloat16))
-    linears = [m for m in int8.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(m.weight.qdata.dtype == torch.int8 for m in linears)
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["wq", "w2"], init_lora_weights=False))
+    peft_model.peft_config["default"].base_model_name_or_path = str(old)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file({k.replace("base_model.model.model.", "base_model.model."): v for k, v in load_file(str(weights)).items()},
+              str(weights))  # as peft saved it for the flat model
     with torch.no_grad():
-        got = int8(ids).logits.float()
-    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
-    prompts = [torch.randint(3, 128, (7,)).tolist(), torch.randint(3, 128, (3,)).tolist()]
-    params = SamplingParams(max_new_tokens=10)
-    assert tokens(compile_decoding(copy.deepcopy(int8)), prompts, params) == tokens(int8, prompts, params)
+        expected = peft_model(ids).logits
+        torch.testing.assert_close(load_model(tmp_path / "adapter")(ids).logits, expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(expected, model(ids).logits)  # the adapter changes something
+
+
+def test_cast_keeps_rope_frequencies_in_fp32(tmp_path, model):
+    from model.checkpoint import save_weights
+    from model.loading import cast_model, load_model
+
+    save_weights(tmp_path / "m.safetensors", model.state_dict(), model.config)
+    half = load_model(tmp_path / "m.safetensors", dtype=torch.bfloat16)
+    assert half.model.tok_embeddings.weight.dtype == torch.bfloat16 and half.model.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(half.model.inv_freq, model.model.inv_freq, atol=0, rtol=0)
+    assert cast_model(copy.deepcopy(model), torch.float16).model.inv_freq.dtype == torch.float32

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server as a real process, driven by the official openai client and raw HTTP."""
 import concurrent.futures
+import json
 import os
 import socket
 import subprocess
@@ -118,7 +119,11 @@ BAD_REQUESTS = [
     ("prompt too long", {"messages": [{"role": "user", "content": "capital " * 400}]}, "messages"),
     ("temperature out of range", {"messages": [{"role": "user", "content": "hi"}], "temperature": 7},
      "temperature"),
-    ("n > 1", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+    ("n beyond the rows", {"messages": [{"role": "user", "content": "hi"}], "n": 17}, "n"),
+    ("n zero", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+    ("seed beyond 64 bits", {"messages": [{"role": "user", "content": "hi"}], "seed": 2 ** 64}, "seed"),
+    ("lone surrogate", {"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),
+    ("lone surrogate in stop", {"messages": [{"role": "user", "content": "hi"}], "stop": ["\udfff"]}, "stop[0]"),
     ("max_tokens wrong type", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, "max_tokens"),
     ("body not an object", [{"role": "user", "content": "hi"}], None),
     ("stream not a boolean", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
@@ -129,10 +134,9 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("name,body,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, name, body, param):
-    if isinstance(body, bytes):
-        r = httpx.post(server + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
-    else:
-        r = httpx.post(server + "/v1/chat/completions", json=body)
+    # JSON's own \\u escapes (json.dumps' default) carry a lone surrogate, which UTF-8 cannot.
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
@@ -238,3 +242,89 @@ def test_terminal_client_talks_to_the_server(server):
     down = subprocess.run([sys.executable, "chat_openai_api.py", "--base_url", "http://127.0.0.1:9/v1", "--prompt",
                            "hi"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert down.returncode != 0 and "cannot reach" in down.stderr
+
+
+def test_poisoned_requests_get_a_4xx_and_the_requests_beside_them_all_succeed(server):
+    """Requests that once broke the batch they were in (a 2^64 seed overflowed the sampler's generator, a lone
+    surrogate broke the tokenizer) are refused before they reach the scheduler; concurrent ones are unharmed."""
+    good = {"messages": [{"role": "user", "content": "Tell me about rivers"}], "max_tokens": 16, "temperature": 0.9,
+            "seed": 4}
+    poisons = [{**good, "seed": 2 ** 64}, {**good, "messages": [{"role": "user", "content": "\ud800"}]}]
+    def post(body):
+        return httpx.post(server + "/v1/chat/completions", content=json.dumps(body).encode(), timeout=60,
+                          headers={"content-type": "application/json"})
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        goods = [pool.submit(post, good) for _ in range(10)]
+        bads = [pool.submit(post, p) for p in poisons]
+        answers = [f.result() for f in goods]
+        refused = [f.result() for f in bads]
+    assert all(r.status_code == 400 for r in refused), [r.text for r in refused]
+    assert all(r.status_code == 200 for r in answers)
+    assert len({r.json()["choices"][0]["message"]["content"] for r in answers}) == 1  # same seed, same text
+
+
+def test_n_choices_streaming_and_not(server):
+    c = client(server)
+    kw = dict(model="minimind", messages=[{"role": "user", "content": "Say something"}], max_tokens=10,
+              temperature=1.0, seed=9, n=3)
+    whole = c.chat.completions.create(**kw)
+    assert [ch.index for ch in whole.choices] == [0, 1, 2]
+    assert all(ch.finish_reason in ("stop", "length") for ch in whole.choices)
+    texts, finish = ["", "", ""], [None] * 3
+    for chunk in c.chat.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            finish[ch.index] = ch.finish_reason or finish[ch.index]
+    assert texts == [ch.message.content for ch in whole.choices] and None not in finish
+    assert len(set(texts)) > 1
+
+
+def test_beyond_the_queue_bound_requests_get_a_429(served_model, demo_data):
+    from fastapi.testclient import TestClient
+
+    app = create_app(load_model(served_model), load_tokenizer(demo_data / "tokenizer"), max_batch=1, max_queue=1)
+    long = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 200, "temperature": 1.0}
+    with TestClient(app) as http, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: http.post("/v1/chat/completions", json=long), range(4)))
+    codes = sorted(r.status_code for r in replies)
+    assert 429 in codes and 200 in codes, codes
+    busy = next(r for r in replies if r.status_code == 429).json()["error"]
+    assert busy["type"] == "rate_limit_error" and "--max_queue" in busy["message"]
+
+
+def test_the_client_fits_the_context_by_default_and_keeps_chatting_after_an_error(served_model, demo_data):
+    """A server with a short context (the demo model's is 128): the terminal client's default leaves max_tokens to
+    the server, which fits it to the context; a request the server refuses is reported and the chat goes on."""
+    proc, url = start_server(served_model, demo_data / "tokenizer", "--context_length", "64")
+    try:
+        chat = subprocess.run([sys.executable, "chat_openai_api.py", "--base_url", url + "/v1", "--temperature", "0"],
+                              cwd=ROOT, input="capital " * 80 + "\nHello\n", capture_output=True, text=True,
+                              timeout=120)
+        assert chat.returncode == 0, chat.stderr[-2000:]
+        refused, _, answered = chat.stdout.partition("🤖: ")
+        assert "error: this model's maximum context length is 64 tokens" in refused
+        assert answered.strip() and "error" not in answered  # the next question got its answer
+        reply = client(url).chat.completions.create(model="minimind", messages=[{"role": "user", "content": "Hi"}])
+        assert reply.usage.total_tokens <= 64 and reply.choices[0].message.content is not None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_port_in_use_is_one_line_and_nothing_says_serving(served_model, demo_data):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "my_openai_api.py", "--ckpt", str(served_model), "--tokenizer",
+                               str(demo_data / "tokenizer"), "--device", "cpu", "--port", str(port)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "serving" not in done.stdout and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{port}")
+
+
+def test_the_chat_page_listens_on_this_machine_only():
+    shown = subprocess.run([str(ROOT / ".venv" / "bin" / "streamlit") if (ROOT / ".venv").exists() else "streamlit",
+                            "config", "show"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert 'address = "127.0.0.1"' in shown.stdout

@@ -149,8 +149,8 @@ def test_sft_starts_from_pretrain_weights_and_trains_on_answers_only(demo_data, 
     assert result["output"].endswith("full_sft_64.safetensors")
     pre = load_file(str(tmp_path / "pretrain_64.safetensors"))
     post = load_file(str(tmp_path / "full_sft_64.safetensors"))
-    assert torch.equal(pre["tok_embeddings.weight"], post["tok_embeddings.weight"])  # frozen
-    assert not torch.equal(pre["layers.0.attention.wq.weight"], post["layers.0.attention.wq.weight"])
+    assert torch.equal(pre["model.tok_embeddings.weight"], post["model.tok_embeddings.weight"])  # frozen
+    assert not torch.equal(pre["model.layers.0.attention.wq.weight"], post["model.layers.0.attention.wq.weight"])
 
     # The loss is the cross-entropy over answer tokens only.
     from model.stages import sft_task
@@ -165,7 +165,7 @@ def test_sft_starts_from_pretrain_weights_and_trains_on_answers_only(demo_data, 
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[keep], labels[keep]))
 
     # Strict loading: a pretrain checkpoint of other dims is refused with the keys and shapes named.
-    with pytest.raises(CheckpointMismatch, match="shape of layers.0.attention.wq.weight"):
+    with pytest.raises(CheckpointMismatch, match="shape of model.layers.0.attention.wq.weight"):
         from model.checkpoint import strict_load
 
         strict_load(tiny_model(dim=32, n_heads=4, n_kv_heads=2, vocab_size=1000), pre, "pretrain_64")
@@ -192,7 +192,7 @@ def test_precision_choice_and_autocast():
     assert resolve_precision("cuda", "float32") == (None, False)
     model = tiny_model()
     seen = {}
-    model.layers[0].attention.wq.register_forward_hook(
+    model.model.layers[0].attention.wq.register_forward_hook(
         lambda m, i, o: seen.update(on=torch.is_autocast_enabled("cpu"), dtype=o.dtype))
     with autocast_context("cpu", torch.bfloat16):
         model(torch.randint(0, 128, (1, 8)))

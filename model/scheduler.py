@@ -1,0 +1,279 @@
+"""Continuous batching: one worker thread schedules every request, step by step, over the engine's cache rows.
+
+Each row of the engine's KV cache (model/engine.py) holds one sequence: one choice of one request. Every
+iteration of the worker
+1. drops the rows and waiting requests of clients that went away;
+2. admits waiting requests while rows are free: short prompts are prefilled together in one forward pass, a long
+   prompt (over `prefill_chunk` tokens) a chunk per iteration, so that it never stalls the rows already decoding;
+   a request's n choices share its prompt's prefill (the row is copied);
+3. runs one decode step for every decoding row, each with its own sampling settings, random stream and stops;
+4. lets finished rows (EOS, a stop string, max_tokens, an error) leave at once: the last row moves into the freed
+   one, so the decoding rows stay rows [0, D) of the cache, which is what one engine step decodes.
+A new request thus waits at most one step to start, and a short answer is never held up by a long one. Nothing
+is shared between requests but the batched forward pass; a failure in one row's sampling or text ends that row
+alone, with an error event to its client.
+"""
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .engine import KVCache, as_engine
+from .generate import SamplingParams, Sampler, TextDelta, TextStream, row_generator
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the scheduler's `max_queue`."""
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable  # emit(choice index, TextDelta | Exception), then emit(None, None) once every choice has ended
+    n: int = 1
+    cancelled: bool = False
+    open_choices: int = 0
+    generated: int = 0  # tokens generated so far, all choices
+
+
+@dataclass(eq=False)  # rows are compared by identity
+class Choice:
+    """One sequence being decoded: a row of the cache."""
+    request: Request
+    index: int
+    stream: TextStream
+    generator: torch.Generator
+    history: list = field(default_factory=list)  # prompt and generated ids, for the repetition penalty
+    count: int = 0
+    token: int = 0  # the last sampled token, fed at the next step
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 128,
+                 capacity: int | None = None):
+        self.engine, self.tokenizer = as_engine(model), tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.cache: KVCache = self.engine.new_cache(max_batch, capacity or self.engine.config.max_seq_len)
+        self.eos = tokenizer.eos_token_id
+        self.rows: list[Choice] = []  # decoding rows: rows[i] is row i of the cache
+        self.waiting: deque[Request] = deque()
+        self.long: tuple[Request, int] | None = None  # a long prompt being prefilled, and how much of it is in
+        self.lock, self.wake = threading.Lock(), threading.Event()
+        self.sampler = None  # rebuilt when the decoding rows change
+        self.served = self.cancelled = self.cancelled_tokens = self.failed = 0
+        self.alive = True
+        self.thread = threading.Thread(target=self._run, daemon=True, name="minimind-scheduler")
+        self.thread.start()
+
+    # ----------------------------------------------------------------------------------------- from other threads
+    def submit(self, request: Request) -> Request:
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already (--max_queue {self.max_queue})")
+            self.waiting.append(request)
+        self.wake.set()
+        return request
+
+    def stop(self):
+        self.alive = False
+        self.wake.set()
+        self.thread.join(timeout=10)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting) + (self.long is not None)
+
+    # -------------------------------------------------------------------------------------------- the worker
+    def _run(self):
+        while self.alive:
+            self._drop_cancelled()
+            if not (self.rows or self.waiting or self.long):
+                self.wake.wait(timeout=0.5)
+                self.wake.clear()
+                continue
+            try:
+                self._admit()
+                if self.rows:
+                    self._step()
+            except Exception as e:  # the batched forward itself failed: every row in it ends, the worker goes on
+                for choice in list(self.rows):
+                    self._end(choice, error=e)
+                if self.long:
+                    self._fail(self.long[0], e)
+                    self.long = None
+
+    def _free_rows(self) -> int:
+        return self.max_batch - len(self.rows) - (1 if self.long else 0)
+
+    def _admit(self):
+        """Prefill what fits this iteration: the next chunk of a long prompt, or a group of short prompts."""
+        if self.long is None:
+            self._take_long()
+        if self.long:
+            request, done = self.long
+            tail = self.max_batch - 1  # a long prompt fills the last row, then its choices are copied down
+            if done == 0:
+                self.cache.set_row(tail, 0, 0)
+            chunk = request.prompt[done:done + self.prefill_chunk]
+            try:
+                logits = self.engine.append(self.cache, tail, chunk)
+            except Exception as e:
+                self.long = None
+                return self._fail(request, e)
+            if done + len(chunk) < len(request.prompt):
+                self.long = (request, done + len(chunk))
+            else:
+                self.long = None
+                self._start([(request, tail, logits[0])])
+            return
+        group = self._take_group()
+        if not group:
+            return
+        try:
+            logits = self.engine.prefill(self.cache, len(self.rows), [r.prompt for r in group])
+        except Exception:  # a group shares one forward pass: prefill each alone, so only a bad one fails
+            for request in group:
+                try:
+                    self._start([(request, len(self.rows), self.engine.prefill(self.cache, len(self.rows),
+                                                                               [request.prompt])[0])])
+                except Exception as e:
+                    self._fail(request, e)
+            return
+        self._start([(r, len(self.rows) + i, row_logits) for i, (r, row_logits) in enumerate(zip(group, logits))])
+
+    def _take_long(self):
+        with self.lock:
+            if self.waiting and len(self.waiting[0].prompt) > self.prefill_chunk \
+                    and self._free_rows() >= self.waiting[0].n + 1:  # its own row at the end, then n rows
+                self.long = (self.waiting.popleft(), 0)
+
+    def _take_group(self) -> list[Request]:
+        """Waiting short prompts, in order, while rows are free and their tokens fit one prefill chunk."""
+        group, budget, free = [], self.prefill_chunk, self._free_rows()
+        with self.lock:
+            while self.waiting and len(self.waiting[0].prompt) <= min(budget, self.prefill_chunk) \
+                    and self.waiting[0].n <= free:
+                request = self.waiting.popleft()
+                group.append(request)
+                budget, free = budget - len(request.prompt), free - request.n
+        return group
+
+    def _start(self, prefilled: list[tuple[Request, int, torch.Tensor]]):
+        """Prompts are in the cache (request, its row, its next-token logits): every choice becomes a decoding row.
+
+        All rows are placed before any first token is sampled: a row that ends at once moves another into its
+        place, which must not be a prompt still to be copied."""
+        started = []
+        for request, row, _ in prefilled:  # the first choice where the prefill left it, when that is the next row
+            if request.cancelled:
+                continue
+            if row != len(self.rows):
+                self.cache.copy_row(row, len(self.rows))
+            started.append(self._new_row(request, 0))
+        for request, row, _ in prefilled:
+            if not request.cancelled:
+                for index in range(1, request.n):  # n > 1: the other choices share the prompt's prefill
+                    self.cache.copy_row(row, len(self.rows))
+                    started.append(self._new_row(request, index))
+        logits = {id(request): row_logits for request, _, row_logits in prefilled}
+        for choice in started:
+            try:
+                sampler = Sampler([choice.request.params], self.engine.device, [choice.generator])
+                token = int(sampler(logits[id(choice.request)][None], self._history([choice]))[0])
+            except Exception as e:
+                self._end(choice, error=e)
+                continue
+            self._accept(choice, token)
+
+    def _new_row(self, request: Request, index: int) -> Choice:
+        request.open_choices += 1
+        seed = request.params.seed
+        choice = Choice(request, index, TextStream(self.tokenizer, request.params.stop),
+                        row_generator(None if seed is None else seed + index, self.engine.device),
+                        history=list(request.prompt) if request.params.repetition_penalty != 1.0 else [])
+        self.rows.append(choice)
+        self.sampler = None
+        return choice
+
+    def _history(self, rows: list[Choice]) -> torch.Tensor:
+        """(rows, L) ids each row has seen, for the repetition penalty; shorter rows padded with their last id."""
+        if not any(c.history for c in rows):
+            return torch.zeros(len(rows), 1, dtype=torch.long, device=self.engine.device)
+        width = max(len(c.history) for c in rows)
+        padded = [c.history + [c.history[-1]] * (width - len(c.history)) if c.history else [0] * width for c in rows]
+        return torch.tensor(padded, device=self.engine.device)
+
+    def _step(self):
+        tokens = torch.tensor([c.token for c in self.rows], device=self.engine.device)
+        logits = self.engine.decode(self.cache, tokens)
+        if self.sampler is None:
+            self.sampler = Sampler([c.request.params for c in self.rows], self.engine.device,
+                                   [c.generator for c in self.rows])
+        sampled = self.sampler(logits, self._history(self.rows)).tolist()
+        for choice, token in zip(list(self.rows), sampled):
+            self._accept(choice, token)
+
+    def _accept(self, choice: Choice, token: int):
+        """One new token of a row: its text to the client; the row ends on EOS, a stop string or max_tokens."""
+        request = choice.request
+        try:
+            if token == self.eos:
+                return self._end(choice, TextDelta(choice.index, choice.stream.finish(), "stop"))
+            choice.count += 1
+            request.generated += 1
+            text = choice.stream.push(token)
+            if choice.stream.stopped:
+                return self._end(choice, TextDelta(choice.index, text, "stop", [token]))
+            if choice.count >= request.params.max_new_tokens:
+                return self._end(choice, TextDelta(choice.index, text + choice.stream.finish(), "length", [token]))
+            request.emit(choice.index, TextDelta(choice.index, text, None, [token]))
+            choice.token = token
+            if choice.history:
+                choice.history.append(token)
+        except Exception as e:
+            self._end(choice, error=e)
+
+    def _end(self, choice: Choice, delta: TextDelta | None = None, error: Exception | None = None):
+        """The row leaves: its last delta (or error) goes out and the last decoding row moves into its place."""
+        request = choice.request
+        if choice in self.rows:
+            row, last = self.rows.index(choice), len(self.rows) - 1
+            if row != last:
+                self.cache.copy_row(last, row)
+                self.rows[row] = self.rows[last]
+            self.rows.pop()
+            self.sampler = None
+        if error is not None:
+            self.failed += 1
+            request.emit(choice.index, error)
+        elif delta is not None:
+            request.emit(choice.index, delta)
+        request.open_choices -= 1
+        if request.open_choices == 0:
+            self.served += 1
+            request.emit(None, None)
+
+    def _fail(self, request: Request, error: Exception):
+        """A request that failed before it had a row: its client gets the error."""
+        self.failed += 1
+        request.emit(0, error)
+        request.emit(None, None)
+
+    def _drop_cancelled(self):
+        for choice in [c for c in self.rows if c.request.cancelled]:
+            request = choice.request
+            if request.open_choices == request.n:  # count each request once
+                self.cancelled += 1
+                self.cancelled_tokens += request.generated
+            self._end(choice)
+        if self.long and self.long[0].cancelled:
+            self.cancelled += 1
+            self.long = None
+        with self.lock:
+            gone = [r for r in self.waiting if r.cancelled]
+            for r in gone:
+                self.waiting.remove(r)
+            self.cancelled += len(gone)
