@@ -88,10 +88,11 @@ def pretrain_task(args):
     if train.vocab_size and train.vocab_size > config.vocab_size:
         raise InputError(f"the data was tokenized with a vocabulary of {train.vocab_size}; the model has "
                          f"{config.vocab_size} (set --vocab_size)")
-    try:
-        val = PretrainDataset(args.val_path or args.data_path, args.max_seq_len, "val")
-    except ValueError:
-        val = None
+    if args.val_path:  # asked for: a bad one is an error
+        val = PretrainDataset(args.val_path, args.max_seq_len, "val")
+    else:  # the data's own held-out split; without one, no validation
+        val = PretrainDataset(args.data_path, args.max_seq_len, "val", allow_empty=True)
+        val = val if len(val) else None
     if args.init_from:
         from .loading import load_model
 
@@ -113,7 +114,7 @@ def sft_task(args):
     if args.freeze_embeddings:
         # The tied embedding/output matrix holds what pretraining learned about every word; freezing it
         # keeps small-data SFT from overwriting facts it never shows (see the demo corpus notes).
-        model.tok_embeddings.weight.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(False)
     tokenizer = load_tokenizer_for(args)
     data = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
     train, val = hold_out(data) if not args.val_path else (data, SFTDataset(args.val_path, tokenizer, args.max_seq_len))
@@ -202,8 +203,8 @@ def reference_logps(model, reference, input_ids, labels):
         return sequence_logps(reference, input_ids, labels)
 
 
-def dpo_loss(reference, beta, label_smoothing):
-    def loss(model, batch):
+def dpo_loss(beta, label_smoothing):
+    def loss(model, batch, reference=None):  # the trainer passes Task.frozen["reference"], placed with the model
         ids, labels = batch["input_ids"], batch["labels"]
         policy = sequence_logps(model, ids, labels)
         ref = reference_logps(getattr(model, "module", model), reference, ids, labels)
@@ -235,7 +236,6 @@ def dpo_task(args):
     name = output_name("dpo", config)
     meta = tokenizer_metadata(args.tokenizer)
     save = adapter_saver(name, True, meta) if reference is None else safetensors_saver(name, meta)
-    task = Task(name, train, dpo_loss(reference, args.beta, args.label_smoothing), save, val_data=val,
-                collate=partial(dpo_collate, pad_id=tokenizer.pad_token_id or 0))
-    task.reference = reference
-    return model, task
+    return model, Task(name, train, dpo_loss(args.beta, args.label_smoothing), save, val_data=val,
+                       collate=partial(dpo_collate, pad_id=tokenizer.pad_token_id or 0),
+                       frozen={} if reference is None else {"reference": reference})
