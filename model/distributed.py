@@ -41,6 +41,7 @@ def make_strategy(args, device: torch.device, amp_dtype, accum: int):
 class SingleDevice:
     """One process on one device: a GPU, Apple's mps or the CPU."""
     rank, world = 0, 1
+    name = "one process"
 
     def __init__(self, args, device, amp_dtype, accum):
         self.args, self.device, self.amp_dtype, self.accum = args, device, amp_dtype, accum
@@ -48,6 +49,9 @@ class SingleDevice:
             torch.cuda.set_device(device)
         # fp16 gradients can overflow: the scaler scales the loss up and skips the steps whose gradients overflowed
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}"
 
     # -- placement
     def setup(self, model, make_optimizer):
@@ -155,6 +159,10 @@ class MultiProcess(SingleDevice):
         # The stop signal is agreed on every step over a CPU group: that exchange never waits for the GPU.
         self.host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
+    def describe(self) -> str:
+        return f"{self.name} over {self.world} process{'es' if self.world > 1 else ''} ({dist.get_backend()}), " \
+               f"rank 0 on {self.device}"
+
     def max_over_ranks(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.long)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
@@ -179,6 +187,7 @@ class MultiProcess(SingleDevice):
 
 class DDP(MultiProcess):
     """Every process holds the whole model; backward averages the gradients (all-reduce, in buckets)."""
+    name = "DDP"
 
     def wrap(self, model):
         from torch.nn.parallel import DistributedDataParallel
@@ -196,6 +205,7 @@ class FSDP2(MultiProcess):
     Frozen modules are replicated, not sharded: their forward then needs no collective (ranks need not run it in
     lockstep, no per-layer all-gathers), at the cost of one copy per GPU, which the presets' sizes afford.
     """
+    name = "FSDP2"
 
     def __init__(self, args, device, amp_dtype, accum):
         if amp_dtype is torch.float16:
@@ -220,6 +230,7 @@ class DeepSpeed(MultiProcess):
     """ZeRO-2 through DeepSpeed's engine: gradients and optimizer state partitioned over the processes, weights
     whole on each. The engine divides the loss for accumulation, clips, casts to bf16/fp16 and scales fp16 losses;
     its partitioned state goes into the checkpoint folder, under `deepspeed/`."""
+    name = "DeepSpeed ZeRO-2"
 
     def __init__(self, args, device, amp_dtype, accum):
         if args.compile:

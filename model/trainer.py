@@ -365,6 +365,8 @@ class Trainer:
         self.stop_signal = 0
         self.last_val_loss = None
         self.bar, self.tokens_seen = None, 0
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 with loss scaling"}[self.amp_dtype]
+        self.log(f"{task.name}: {self.strategy.describe()}, {precision}, {self.total_steps} steps")
 
     # -- setup
     def make_optimizer(self, model):
