@@ -7,16 +7,25 @@ Result: out/pretrain_{dim}[_moe].safetensors; run folder out/pretrain_{dim}[_moe
 """
 import argparse
 
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 from model.errors import run_script
 from model.stages import pretrain_task
-from model.trainer import Trainer, add_model_args, add_train_args
+from model.trainer import Trainer, add_model_args, add_train_args, keep_freed_memory_if_asked
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, data_path="dataset/pretrain_data", learning_rate=5e-4, batch_size=32, warmup_iters=100)
     add_model_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    keep_freed_memory_if_asked(args)
     model, task = pretrain_task(args)
     return Trainer(args, model, task).fit()
 

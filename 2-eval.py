@@ -6,6 +6,10 @@
 import argparse
 import sys
 
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 from model.chat import add_inference_args, load_for_inference, sampling_from_args, stream_to
 from model.errors import run_script
 from model.evaluation import chat_prompt

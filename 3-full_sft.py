@@ -6,18 +6,27 @@ Result: out/full_sft_{dim}[_moe].safetensors.
 """
 import argparse
 
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 from model.errors import run_script
 from model.stages import sft_task
-from model.trainer import Trainer, add_model_args, add_train_args
+from model.trainer import Trainer, add_model_args, add_train_args, keep_freed_memory_if_asked
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, data_path="dataset/sft_data.jsonl", learning_rate=5e-5, batch_size=16, epochs=1)
     add_model_args(parser)
     parser.add_argument("--freeze_embeddings", action="store_true",
                         help="keep the (tied) embedding matrix fixed; helps small SFT sets keep pretraining knowledge")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    keep_freed_memory_if_asked(args)
     model, task = sft_task(args)
     return Trainer(args, model, task).fit()
 

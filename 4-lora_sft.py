@@ -6,12 +6,16 @@ out/lora_sft_{dim}_merged.safetensors.
 """
 import argparse
 
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 from model.errors import run_script
 from model.stages import LORA_TARGETS, lora_task
-from model.trainer import Trainer, add_train_args
+from model.trainer import Trainer, add_train_args, keep_freed_memory_if_asked
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, data_path="dataset/sft_data.jsonl", learning_rate=1e-3, batch_size=16)
     parser.add_argument("--ckpt", default="out/full_sft_512.safetensors", help="base model (anything load_model takes)")
@@ -20,7 +24,12 @@ def main(argv=None):
     parser.add_argument("--lora_dropout", type=float, default=0.05)
     parser.add_argument("--target_modules", default=LORA_TARGETS, help="comma-separated module names")
     parser.add_argument("--merge", action="store_true", help="also write the adapter merged into a full model")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    keep_freed_memory_if_asked(args)
     model, task = lora_task(args)
     return Trainer(args, model, task).fit()
 

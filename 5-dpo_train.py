@@ -7,12 +7,16 @@ out/dpo_{dim}_merged.safetensors).
 """
 import argparse
 
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 from model.errors import run_script
 from model.stages import dpo_task
-from model.trainer import Trainer, add_train_args
+from model.trainer import Trainer, add_train_args, keep_freed_memory_if_asked
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, data_path="dataset/dpo_data.jsonl", learning_rate=1e-5, batch_size=8)
     parser.add_argument("--ckpt", default="out/full_sft_512.safetensors", help="the SFT model to align")
@@ -21,7 +25,12 @@ def main(argv=None):
     parser.add_argument("--max_prompt_length", type=int, default=256)
     parser.add_argument("--lora_rank", type=int, default=0, help="train a LoRA adapter instead of all weights")
     parser.add_argument("--lora_alpha", type=float, default=16)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    keep_freed_memory_if_asked(args)
     model, task = dpo_task(args)
     return Trainer(args, model, task).fit()
 

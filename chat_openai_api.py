@@ -10,6 +10,10 @@ import sys
 
 from openai import AuthenticationError, OpenAI, OpenAIError
 
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 from model.errors import run_script
 from model.io import read_questions
 

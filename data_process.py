@@ -7,6 +7,10 @@
 """
 import argparse
 
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 from model.errors import run_script
 from model.processing import normalize_file, tokenize_pretrain
 

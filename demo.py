@@ -11,12 +11,16 @@ import argparse
 import importlib.util
 import json
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
 
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 ROOT = Path(__file__).resolve().parent
+MARKER = ".minimind_demo"  # in every --out_dir the demo makes: the only kind of folder it replaces
 
 FULL = dict(name="demo", repeats=30, vocab=3000, model=["--preset", "demo"], seq=128, pre_steps=400, pre_lr=2e-3,
             pre_batch=16, sft_steps=300, sft_lr=3e-4, lora_steps=30, dpo_steps=40, dpo_lr=2e-5)
@@ -53,6 +57,21 @@ class Timer:
         return Stage()
 
 
+def fresh_out_dir(out: Path) -> Path:
+    """`out`, emptied for a new run; a folder with files the demo did not write (`--out_dir out`, where real
+    checkpoints live) is refused, never deleted."""
+    from model.errors import InputError
+
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise InputError(f"--out_dir {out} holds files the demo did not write: give a new or empty folder (the "
+                             f"demo replaces only a folder it made)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by demo.py, which replaces this folder on its next run\n")
+    return out
+
+
 def serve_in_thread(model, tokenizer):
     import socket
 
@@ -80,9 +99,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     cfg = TINY if args.tiny else FULL
-    out = Path(args.out_dir or ROOT / "out" / cfg["name"])
-    if out.exists():
-        shutil.rmtree(out)
+    out = fresh_out_dir(Path(args.out_dir or ROOT / "out" / cfg["name"]))
     data, tok = out / "data", out / "tokenizer"
     images = Path(args.images_dir) if args.images_dir else (None if args.tiny else ROOT / "images")
     common = ["--out_dir", str(out), "--tokenizer", str(tok), "--max_seq_len", str(cfg["seq"]), "--quiet",
@@ -91,9 +108,6 @@ def main(argv=None):
 
     import torch
 
-    from model import quiet_third_party
-
-    quiet_third_party()
     torch.manual_seed(args.seed)
     with timer.stage("demo data"):
         script("data_process.py").main(["demo", "--out_dir", str(data), "--pretrain_repeats", str(cfg["repeats"]),
@@ -242,4 +256,6 @@ def print_summary(rows, summary, out):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    from model.errors import run_script
+
+    run_script(main)

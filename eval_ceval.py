@@ -8,6 +8,10 @@ https://huggingface.co/datasets/ceval/ceval-exam (dev and val carry answers). Th
 import argparse
 from pathlib import Path
 
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 from model.chat import add_inference_args, load_for_inference
 from model.errors import run_script
 from model.evaluation import ceval_evaluate, ceval_markdown, write_ceval_report

@@ -9,6 +9,10 @@ gguf: dir/minimind.gguf for llama.cpp (`llama-cli -m dir/minimind.gguf`).
 """
 import argparse
 
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 from model.chat import find_tokenizer
 from model.errors import run_script
 from model.export import export_gguf, export_hf, export_llama

@@ -11,10 +11,11 @@ import sys
 import streamlit as st
 
 from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 from model.chat import find_checkpoints
 from model.errors import USER_ERRORS, message_of
-
-quiet_third_party()
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out_dir", default=os.environ.get("MINIMIND_OUT_DIR", "out"))

@@ -9,6 +9,10 @@ import socket
 
 import uvicorn
 
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 from model.chat import add_inference_args, load_for_inference, parse_rope_scaling, sampling_from_args
 from model.errors import InputError, run_script
 from model.server import create_app

@@ -6,6 +6,10 @@ import argparse
 import itertools
 import time
 
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
+
 from model.errors import run_script
 from model.io import BadRows
 from model.tokenizer import chars_per_token, read_texts, save, train_bpe, wrap

@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from common import best_time, machine, table, weight_passes
 
+from model import quiet_third_party
+
+quiet_third_party()  # before transformers loads: its import-time notices mean nothing to a user
+
 from model.engine import PRODUCTS, DecodeLinear, Engine
 from model.LMConfig import preset_config
 from model.model import MiniMindForCausalLM

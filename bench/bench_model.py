@@ -16,6 +16,10 @@ import time
 import torch
 from common import best_time, machine, matmul_peak, table, train_flops_per_token, weight_passes
 
+from model import quiet_third_party
+
+quiet_third_party()  # before transformers loads: its import-time notices mean nothing to a user
+
 from model.convert import llama_config, to_llama_state_dict
 from model.engine import Engine
 from model.generate import SamplingParams, generate_ids

@@ -1,8 +1,9 @@
 """Checkpoints: safetensors weights with their config, training state beside them, atomic and verified.
 
 A training checkpoint is a folder `checkpoints/step_00000100/` holding `model.safetensors`, `train_state.pt`
-(optimizer, scheduler, step, data position, RNG states of every rank) and `manifest.json` (sha256 of both).
-It is written under a temporary name and renamed into place, so a kill at any moment leaves either the whole
+(optimizer, scheduler, step, data position, RNG states of every rank) and `manifest.json` (sha256 of every file).
+Every rank writes into one temporary folder (a DeepSpeed run adds its partitioned state under `deepspeed/`); rank 0
+then writes the manifest and renames the folder into place, so a kill at any moment leaves either the whole
 checkpoint or none; a folder whose files do not match their manifest is reported and skipped on resume.
 """
 import hashlib
@@ -130,13 +131,23 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
 
-    def save(self, step: int, model_state: dict, train_state: dict, config=None) -> Path:
-        final = self.dir / f"step_{step:08d}"
-        tmp = self.dir / f".step_{step:08d}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+    def staging(self, step: int) -> Path:
+        """The temporary folder a checkpoint is written into: one name for every rank, which all write into it."""
+        return self.dir / f".step_{step:08d}.tmp"
+
+    @staticmethod
+    def begin(tmp: Path):
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left
         tmp.mkdir(parents=True)
+
+    @staticmethod
+    def write(tmp: Path, model_state: dict, train_state: dict, config=None):
         save_weights(tmp / "model.safetensors", model_state, config)
         torch.save(train_state, tmp / "train_state.pt")
+
+    def commit(self, step: int, tmp: Path) -> Path:
+        """Once every rank's files are in: a manifest of all of them, then the rename that makes the checkpoint."""
+        final = self.dir / f"step_{step:08d}"
         manifest = {"step": step, "files": {str(f.relative_to(tmp)): sha256(f) for f in sorted(tmp.rglob("*"))
                                             if f.is_file()}}
         with atomic_writer(tmp / "manifest.json", "w") as f:
@@ -148,8 +159,11 @@ class CheckpointManager:
         return final
 
     def prune(self):
+        """Keep the newest `keep` checkpoints; drop the temporary folders of killed runs (no rank is writing now)."""
         for old in self.list()[:-self.keep] if self.keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        for leftover in self.dir.glob(".step_*.tmp*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def list(self) -> list[Path]:
         if not self.dir.exists():

@@ -38,12 +38,12 @@ def resolve_index(data_path) -> Path:
 class PretrainDataset(Dataset):
     """Windows of `seq_len` tokens; consecutive windows overlap by one token so every token is a target once."""
 
-    def __init__(self, data_path, seq_len: int, split: str = "train"):
+    def __init__(self, data_path, seq_len: int, split: str = "train", allow_empty: bool = False):
         index_path = resolve_index(data_path)
         index = json.loads(index_path.read_text())
         self.seq_len, self.stride = seq_len, seq_len - 1
         self.shards, self.starts, total = [], [], 0
-        for shard in index[split]:
+        for shard in index.get(split, []):
             tokens = np.memmap(index_path.parent / shard["file"], dtype=np.uint16, mode="r")
             windows = max(0, (len(tokens) - 1) // self.stride)
             if windows:
@@ -52,7 +52,7 @@ class PretrainDataset(Dataset):
                 total += windows
         self.length = total
         self.vocab_size = index.get("vocab_size")
-        if total == 0:
+        if total == 0 and not allow_empty:
             raise InputError(f"{index_path} has no {split} window of {seq_len} tokens")
 
     def __len__(self):

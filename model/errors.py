@@ -10,6 +10,15 @@ class InputError(ReportedError, ValueError):
     """Input that cannot be used: a missing or malformed file, a checkpoint that does not fit, contradicting flags."""
 
 
+class Stopped(Exception):
+    """A run stopped by SIGINT or SIGTERM after saving its state. A script exits with 128 + the signal's number, as
+    the shell reports a process that signal ended (130 for Ctrl-C, 143 for SIGTERM), so a scheduler sees it stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
 # What a user caused and can fix: ReportedErrors, and the file-system errors a script's own arguments cause (a
 # mistyped path, a folder given for a file), whose messages name the path. Other OSErrors (a full disk, a dropped
 # connection) keep their traceback.
@@ -28,13 +37,13 @@ def message_of(error: Exception) -> str:
 
 def run_script(main):
     """Run a script's `main()`. A ReportedError or a bad path ends the script with 'error: <message>' on stderr
-    and exit status 1, Ctrl-C with status 130 and no traceback; any other exception keeps its traceback.
-    Third-party noise is silenced first (model.quiet_third_party)."""
-    from . import quiet_third_party
-
-    quiet_third_party()
+    and exit status 1, Ctrl-C with status 130 and no traceback, a training run stopped by a signal with its message
+    and 128 + the signal's number; any other exception keeps its traceback."""
     try:
         main()
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_status)
     except USER_ERRORS as e:
         print(f"error: {message_of(e)}", file=sys.stderr)
         sys.exit(1)

@@ -143,11 +143,12 @@ def preference_accuracy(model, tokenizer, pairs_path, batch_size: int = 32, max_
     from .stages import dpo_collate, sequence_logps
 
     data = DPODataset(pairs_path, tokenizer, max_length)
+    device = next(model.parameters()).device
     margins = []
     for start in range(0, len(data), batch_size):
         batch = dpo_collate([data[i] for i in range(start, min(start + batch_size, len(data)))],
                             tokenizer.pad_token_id or 0)
-        chosen, rejected = sequence_logps(model, batch["input_ids"], batch["labels"]).chunk(2)
+        chosen, rejected = sequence_logps(model, batch["input_ids"].to(device), batch["labels"].to(device)).chunk(2)
         margins.append(chosen - rejected)
     margins = torch.cat(margins)
     return {"accuracy": (margins > 0).float().mean().item(), "margin": margins.mean().item()}

@@ -80,7 +80,7 @@ def seed_everything(seed: int):
 
 
 def pretrain_task(args):
-    from .model import MiniMindLM
+    from .model import MiniMindForCausalLM
 
     seed_everything(args.seed)
     config = model_config_from_args(args, max_seq_len=args.max_seq_len)
@@ -88,17 +88,18 @@ def pretrain_task(args):
     if train.vocab_size and train.vocab_size > config.vocab_size:
         raise InputError(f"the data was tokenized with a vocabulary of {train.vocab_size}; the model has "
                          f"{config.vocab_size} (set --vocab_size)")
-    try:
-        val = PretrainDataset(args.val_path or args.data_path, args.max_seq_len, "val")
-    except ValueError:
-        val = None
+    if args.val_path:  # asked for: a bad one is an error
+        val = PretrainDataset(args.val_path, args.max_seq_len, "val")
+    else:  # the data's own held-out split; without one, no validation
+        val = PretrainDataset(args.data_path, args.max_seq_len, "val", allow_empty=True)
+        val = val if len(val) else None
     if args.init_from:
         from .loading import load_model
 
         model = load_model(args.init_from).train()
         config = model.config
     else:
-        model = MiniMindLM(config)
+        model = MiniMindForCausalLM(config)
     name = output_name("pretrain", config)
     index_tokenizer = json.loads(resolve_index(args.data_path).read_text()).get("tokenizer")
     meta = tokenizer_metadata(args.tokenizer or index_tokenizer)
@@ -202,8 +203,8 @@ def reference_logps(model, reference, input_ids, labels):
         return sequence_logps(reference, input_ids, labels)
 
 
-def dpo_loss(reference, beta, label_smoothing):
-    def loss(model, batch):
+def dpo_loss(beta, label_smoothing):
+    def loss(model, batch, reference=None):  # the trainer passes Task.frozen["reference"], placed with the model
         ids, labels = batch["input_ids"], batch["labels"]
         policy = sequence_logps(model, ids, labels)
         ref = reference_logps(getattr(model, "module", model), reference, ids, labels)
@@ -235,7 +236,6 @@ def dpo_task(args):
     name = output_name("dpo", config)
     meta = tokenizer_metadata(args.tokenizer)
     save = adapter_saver(name, True, meta) if reference is None else safetensors_saver(name, meta)
-    task = Task(name, train, dpo_loss(reference, args.beta, args.label_smoothing), save, val_data=val,
-                collate=partial(dpo_collate, pad_id=tokenizer.pad_token_id or 0))
-    task.reference = reference
-    return model, task
+    return model, Task(name, train, dpo_loss(args.beta, args.label_smoothing), save, val_data=val,
+                       collate=partial(dpo_collate, pad_id=tokenizer.pad_token_id or 0),
+                       frozen={} if reference is None else {"reference": reference})

@@ -1,9 +1,11 @@
 """The one training loop behind every training script (pretrain, SFT, LoRA, DPO).
 
-A script builds a model and a `Task` (datasets, a loss, how to save the result) and calls `Trainer(args,
-model, task).fit()`. The loop handles the rest the same way for every stage: devices and precision, DDP /
-FSDP2 / DeepSpeed, gradient accumulation, AdamW with warmup + cosine, clipping, a stop on non-finite loss,
-atomic checkpoints with exact resume, validation, metrics, a loss plot, wandb, and SIGTERM / Ctrl-C.
+A script builds a model and a `Task` (datasets, a loss, the frozen modules it reads, how to save the result) and
+calls `Trainer(args, model, task).fit()`. The loop handles the rest the same way for every stage: devices and
+precision, gradient accumulation, AdamW with warmup + cosine, a stop on non-finite loss, atomic checkpoints with
+exact resume, validation, metrics, a loss plot, wandb, and SIGTERM / Ctrl-C. What differs between one device, DDP,
+FSDP2 and DeepSpeed lives in model/distributed.py. Between log steps the loop never waits for the device: losses
+and the non-finite flag stay there until a log, checkpoint or stop step reads them.
 """
 import argparse
 import contextlib
@@ -14,16 +16,16 @@ import random
 import signal
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .checkpoint import CheckpointManager, check_state
-from .errors import InputError, ReportedError
+from .distributed import make_strategy
+from .errors import InputError, ReportedError, Stopped
 from .io import atomic_writer
 
 
@@ -87,12 +89,19 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="keep only each block's input for the backward pass and recompute the rest: less memory for "
+                        "about a third more compute")
     g.add_argument("--resume", default="none", help="auto (newest valid checkpoint), a checkpoint path, or none")
     g.add_argument("--init_from", default=None, help="weights to start from")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (default model/minimind_tokenizer)")
-    g.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="multi-process strategy")
+    g.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun (or another launcher): ddp, or fsdp for FSDP2")
     g.add_argument("--deepspeed", default=None, help="a DeepSpeed config (e.g. ds_config.json); use its launcher")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU runs: glibc keeps freed memory for reuse instead of returning it to the OS, which makes "
+                        "steps faster and keeps the process at its peak memory")
     parser.set_defaults(**defaults)
     return g
 
@@ -100,7 +109,11 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
 # ------------------------------------------------------------------------------------------------- helpers
 @dataclass
 class Task:
-    """What differs between stages. `loss(model, batch)` returns the mean loss and extra metrics (tensors)."""
+    """What differs between stages. `loss(model, batch, **frozen)` returns the mean loss and extra metrics (tensors).
+
+    `frozen` holds the modules the loss reads but never trains (DPO's reference, a teacher), by the name the loss
+    takes them as: the trainer places and casts them with the model, so a stage never leaves one where it built it.
+    """
     name: str
     train_data: Dataset
     loss: Callable
@@ -108,34 +121,51 @@ class Task:
     val_data: Dataset | None = None
     collate: Callable | None = None
     count_tokens: Callable = lambda batch: int(batch["input_ids"].numel())
+    frozen: dict[str, torch.nn.Module] = field(default_factory=dict)
 
 
 class NonFiniteLoss(ReportedError, RuntimeError):
     """The loss turned NaN or infinite; the message names the step, the checkpoint kept and what to change."""
 
 
+CUDA_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
+
+
 def pick_device(flag: str, local_rank: int = 0) -> torch.device:
+    """The device --device names (auto: cuda, then mps, then cpu); InputError if this torch cannot use it."""
     if flag == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(flag)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+        flag = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise InputError(f"--device {flag}: not a device (cpu, cuda, cuda:N, mps or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            have = (f"a CPU-only build ({torch.__version__})" if torch.version.cuda is None else
+                    f"built for CUDA {torch.version.cuda} but finds no GPU (is the NVIDIA driver loaded? nvidia-smi)")
+            raise InputError(f"--device {flag} asks for an NVIDIA GPU; this torch is {have}. For the CUDA build: "
+                             f"{CUDA_INSTALL} (README: GPU)")
+        index = local_rank if device.index is None else device.index
+        count = torch.cuda.device_count()
+        if index >= count:
+            asked = f"cuda:{index}" + (" (LOCAL_RANK)" if device.index is None else "")
+            raise InputError(f"--device {flag} asks for {asked}; this machine has {count} CUDA device"
+                             f"{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {flag} asks for Apple's GPU (mps); this torch ({torch.__version__}) on this "
+                         f"machine has none: use --device cpu")
     return device
 
 
-def keep_freed_memory():
-    """Make glibc keep large freed blocks for reuse instead of handing them back to the OS.
+def keep_freed_memory() -> bool:
+    """Make glibc keep large freed blocks for reuse instead of handing them back to the OS; False if not glibc.
 
     By default every block over 32 MB is mmapped when allocated and unmapped when freed, so a CPU training step,
-    which allocates the same large buffers each time (logits and their gradient: 105 MB each at batch 8 x 512 x
-    6400), pays a page fault for every 4 KB of them, every step. jemalloc and tcmalloc, which Intel's PyTorch CPU
-    tuning guide recommends, keep freed memory by default; this is the same for glibc, in-process. Measured on the
-    26M model (batch 8 x 512, one AdamW step, Intel Xeon): 12-14% faster steps eager, 5-7% compiled. The process
-    keeps its peak memory.
+    which allocates the same large buffers each time (the logits and their gradient), pays a page fault for every
+    4 KB of them, every step. jemalloc and tcmalloc, which Intel's PyTorch CPU tuning guide recommends, keep freed
+    memory by default; this does the same for glibc, in-process (README: Benchmarks). The process keeps its peak
+    memory. It changes the whole process, so only scripts call it, at their start (`keep_freed_memory_if_asked`).
     """
     import ctypes
     import ctypes.util
@@ -144,21 +174,30 @@ def keep_freed_memory():
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
-        return  # not glibc: nothing to set
+        return False  # not glibc: nothing to set
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     mallopt(M_MMAP_MAX, 0)  # large blocks come from the heap too
     mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and freed ones stay there
+    return True
+
+
+def keep_freed_memory_if_asked(args):
+    """The training scripts' opt-in, at their start: `keep_freed_memory` for CPU runs unless --no-keep_freed_memory.
+    Resolving --device here also reports a device this torch cannot use before any data or weights load."""
+    rank, _, local_rank = rank_info()
+    if pick_device(args.device, local_rank).type == "cpu" and args.keep_freed_memory and keep_freed_memory():
+        if rank == 0:
+            print("CPU run: glibc keeps freed memory for reuse (faster steps; --no-keep_freed_memory turns it off)")
 
 
 def resolve_precision(device_type: str, flag: str, bf16_supported: bool | None = None):
-    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
+    """The autocast dtype, or None for fp32. fp16 also gets a GradScaler (see distributed.SingleDevice)."""
     if flag == "auto":
         if device_type != "cuda":
-            return None, False
+            return None
         bf16 = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
-        return (torch.bfloat16, False) if bf16 else (torch.float16, True)
-    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[flag]
-    return dtype, dtype is torch.float16
+        return torch.bfloat16 if bf16 else torch.float16
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[flag]
 
 
 def autocast_context(device_type: str, dtype):
@@ -185,6 +224,70 @@ def param_groups(model, weight_decay):
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, whose step is skipped while `skip` (a 0-d float tensor on the device, 1 = skip) is set.
+
+    The fused kernel skips a step whose `found_inf` is set without the host reading it: GradScaler's mechanism for
+    fp16 overflows, here also carrying the loop's non-finite-loss flag. Without a fused kernel for the device the
+    flag is read on the host.
+    """
+    skip: torch.Tensor | None = None
+
+    def step(self, closure=None):
+        if self.skip is None:
+            return super().step(closure)
+        if not self.defaults["fused"]:
+            return None if self.skip.item() else super().step(closure)
+        scaler_flag = self.__dict__.get("found_inf")  # GradScaler.step sets its overflow flag here (fp16)
+        self.found_inf = self.skip if scaler_flag is None else torch.maximum(scaler_flag, self.skip)
+        try:
+            return super().step(closure)
+        finally:
+            if scaler_flag is None:
+                del self.found_inf
+            else:
+                self.found_inf = scaler_flag
+
+
+class DeviceSums:
+    """Running sums of tensors, kept on their device: adding never waits for it, `read` does (at log steps)."""
+
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, values: dict, weight: float = 1.0):
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float() * weight
+
+    def read(self, strategy) -> dict:
+        return strategy.mean(self.sums) if self.sums else {}
+
+
+class FiniteCheck:
+    """Whether the loss stayed finite, tracked on the device so the loop never waits for it.
+
+    From the first optimizer step with a non-finite loss on, every step is skipped on the device (AdamW.skip), so
+    the weights stay those of the last good step until the loop reads the flag at a log, checkpoint or stop step.
+    """
+
+    def __init__(self, device):
+        self.bad_since = torch.zeros((), dtype=torch.long, device=device)  # the first bad optimizer step; 0: none
+        self.pending = torch.zeros((), dtype=torch.bool, device=device)  # a bad micro-step in the current step
+
+    def observe(self, loss):
+        self.pending = self.pending | ~torch.isfinite(loss)
+
+    def skip_flag(self, step: int, strategy) -> torch.Tensor:
+        """The skip flag for optimizer step `step`, the same on every process (so all skip the same steps)."""
+        bad = strategy.max_(self.pending.float())
+        self.bad_since = torch.where((self.bad_since == 0) & (bad > 0), step, self.bad_since)
+        self.pending = torch.zeros_like(self.pending)
+        return (self.bad_since > 0).float()
+
+    def first_bad_step(self) -> int:
+        return int(self.bad_since)  # the host waits for the device here
 
 
 class ResumableSampler(DistributedSampler):
@@ -233,83 +336,50 @@ def plot_metrics(metrics_file: Path, png: Path, title: str):
 
 # ---------------------------------------------------------------------------------------------------- trainer
 class Trainer:
-    def __init__(self, args, model: torch.nn.Module, task: Task):
+    def __init__(self, args, model: torch.nn.Module, task: Task, device: torch.device | None = None):
+        """`device` overrides --device (the placement test uses the meta device)."""
         self.args, self.task = args, task
-        self.rank, self.world, self.local_rank = rank_info()
-        self.device = pick_device(args.device, self.local_rank)
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, device_id=self.device if backend == "nccl" else None)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
+        self.device = device or pick_device(args.device, rank_info()[2])
+        self.amp_dtype = resolve_precision(self.device.type, args.dtype)
+        self.accum = max(1, args.accumulation_steps)
+        self.strategy = make_strategy(args, self.device, self.amp_dtype, self.accum)
+        self.rank, self.world = self.strategy.rank, self.strategy.world
         self.master = self.rank == 0
-        self.amp_dtype, use_scaler = resolve_precision(self.device.type, args.dtype)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.run_dir = Path(args.out_dir) / task.name
         self.checkpoints = CheckpointManager(self.run_dir, args.keep_checkpoints)
         self.metrics_file = self.run_dir / "metrics.jsonl"
 
-        self.raw_model = model.to(self.device)
-        self.model = self.wrap(self.raw_model)
-        self.accum = max(1, args.accumulation_steps)
         self.steps_per_epoch = len(self.make_sampler(0)) // args.batch_size // self.accum
         if self.steps_per_epoch == 0:
             raise InputError(f"{len(task.train_data)} training samples give no full step of batch_size "
                              f"{args.batch_size} x accumulation {self.accum} x {self.world} processes")
+        # Only whole optimizer steps: a partial accumulation group would leak gradients into the next epoch.
+        self.epoch_samples = self.steps_per_epoch * self.accum * args.batch_size
         total = self.steps_per_epoch * args.epochs
         self.total_steps = min(total, args.max_steps) if args.max_steps else total
-        self.optimizer, self.scheduler = self.make_optimizer()
+        self.raw_model = model
+        if getattr(args, "gradient_checkpointing", False):
+            # The non-reentrant kind, which PyTorch recommends: it needs no input that requires a gradient
+            # (frozen embeddings, LoRA) and works with torch.compile.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model, self.optimizer = self.strategy.setup(model, self.make_optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_schedule(args.warmup_iters, self.total_steps, args.min_lr_ratio))
+        self.frozen = {name: self.strategy.place_frozen(m) for name, m in task.frozen.items()}
+        self.finite = FiniteCheck(self.device)
         self.step = self.epoch = self.consumed = 0
         self.wandb_id, self.wandb = None, None
-        self.stop_requested = False
+        self.stop_signal = 0
         self.last_val_loss = None
+        self.bar, self.tokens_seen = None, 0
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 with loss scaling"}[self.amp_dtype]
+        self.log(f"{task.name}: {self.strategy.describe()}, {precision}, {self.total_steps} steps")
 
     # -- setup
-    def wrap(self, model):
-        args = self.args
-        if args.deepspeed:
-            return model  # the DeepSpeed engine wraps it when the optimizer exists
-        if args.compile:
-            model = torch.compile(model)
-        if self.world > 1 and args.strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            blocks = set(getattr(self.raw_model, "_no_split_modules", None) or ())
-            for layer in [m for m in self.raw_model.modules() if type(m).__name__ in blocks]:
-                fully_shard(layer)
-            fully_shard(self.raw_model)
-            return model
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=ids)
-        return model
-
-    def make_optimizer(self):
-        """AdamW and its warmup + cosine schedule; under DeepSpeed the engine then takes over the optimizer
-        (ZeRO-2 partitions its state) while the schedule keeps driving the learning rate."""
-        args = self.args
-        groups = param_groups(self.raw_model, args.weight_decay)
-        fused = self.device.type in ("cuda", "cpu") and not args.deepspeed
-        opt = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            opt, cosine_schedule(args.warmup_iters, self.total_steps, args.min_lr_ratio))
-        if args.deepspeed:
-            import deepspeed
-
-            with open(self.args.deepspeed) as f:
-                ds_config = json.load(f)
-            ds_config.update(train_micro_batch_size_per_gpu=self.args.batch_size,
-                             gradient_accumulation_steps=self.accum, gradient_clipping=self.args.grad_clip)
-            if self.amp_dtype is torch.bfloat16:
-                ds_config["bf16"] = {"enabled": True}
-            elif self.amp_dtype is torch.float16:
-                ds_config["fp16"] = {"enabled": True}
-            self.model, opt, _, _ = deepspeed.initialize(model=self.raw_model, optimizer=opt, config=ds_config)
-        return opt, scheduler
+    def make_optimizer(self, model):
+        fused = self.device.type in ("cuda", "cpu", "mps")
+        return AdamW(param_groups(model, self.args.weight_decay), lr=self.args.learning_rate, betas=(0.9, 0.95),
+                     eps=1e-8, fused=fused)
 
     def make_sampler(self, epoch):
         sampler = ResumableSampler(self.task.train_data, self.world, self.rank, self.args.seed)
@@ -327,79 +397,41 @@ class Trainer:
         if self.master:
             print(msg, flush=True)
 
-    # -- distributed helpers
-    def any_rank(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def mean_over_ranks(self, values: dict) -> dict:
-        if self.world == 1 or not values:
-            return values
-        keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], device=self.device)
-        dist.all_reduce(t)
-        return {k: v / self.world for k, v in zip(keys, t.tolist())}
-
-    def micro_step_context(self, sync: bool):
-        if self.world > 1 and not sync and not self.args.deepspeed:
-            if self.args.strategy == "fsdp":
-                self.raw_model.set_requires_gradient_sync(False)
-                return contextlib.nullcontext()
-            return self.model.no_sync()
-        if self.world > 1 and self.args.strategy == "fsdp" and not self.args.deepspeed:
-            self.raw_model.set_requires_gradient_sync(True)
-        return contextlib.nullcontext()
-
     # -- checkpoints
     def rng_state(self):
         state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
+        if self.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.world > 1:
-            everyone = [None] * self.world
-            dist.all_gather_object(everyone, state)
-            return everyone
-        return [state]
+        return state
 
     def set_rng_state(self, states):
         mine = states[self.rank] if len(states) > self.rank else states[0]
         torch.set_rng_state(mine["torch"])
         random.setstate(tuple(mine["python"]))
-        if "cuda" in mine and torch.cuda.is_available():
+        if "cuda" in mine and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda"], self.device)
 
-    def full_state(self, with_optimizer=True):
-        """Whole (unsharded) model and optimizer state on rank 0; a collective call under FSDP."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        if with_optimizer:
-            return get_state_dict(self.raw_model, self.optimizer, options=options)
-        return get_model_state_dict(self.raw_model, options=options)
-
     def save_checkpoint(self):
-        rng = self.rng_state()
-        if self.args.deepspeed:  # ZeRO partitions the optimizer state: every rank saves its part, DeepSpeed's way
-            ds_dir = self.checkpoints.dir / f"deepspeed_step_{self.step:08d}"
-            self.model.save_checkpoint(str(ds_dir), tag="state")
-            model_state, optim_state = self.full_state(with_optimizer=False), {"deepspeed_dir": str(ds_dir)}
-        else:
-            model_state, optim_state = self.full_state()
+        """A collective: every rank writes its part into one temporary folder, then rank 0 the weights, the
+        training state and the manifest, and renames the folder into place."""
+        rng = self.strategy.gather(self.rng_state())
+        tmp = self.checkpoints.staging(self.step)
+        if self.master:
+            self.checkpoints.begin(tmp)
+        self.strategy.barrier()
+        model_state, optim_state = self.strategy.save(tmp)
         if self.master:
             train_state = {"step": self.step, "epoch": self.epoch, "consumed": self.consumed, "optimizer": optim_state,
-                           "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
-                           "wandb_id": self.wandb_id or "", "world": self.world, "total_steps": self.total_steps}
-            path = self.checkpoints.save(self.step, model_state, train_state, getattr(self.raw_model, "config", None))
-            self.log(f"checkpoint saved: {path}")
-        if self.world > 1:
-            dist.barrier()
+                           "scheduler": self.scheduler.state_dict(), "scaler": self.strategy.scaler.state_dict(),
+                           "rng": rng, "wandb_id": self.wandb_id or "", "world": self.world,
+                           "total_steps": self.total_steps}
+            self.checkpoints.write(tmp, model_state, train_state, getattr(self.raw_model, "config", None))
+        self.strategy.barrier()  # every rank's files are in
+        if self.master:
+            self.log(f"checkpoint saved: {self.checkpoints.commit(self.step, tmp)}")
+        self.strategy.barrier()  # no rank leaves (and maybe exits) before the checkpoint is in place
 
     def resume(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
         choice = self.args.resume
         if not choice or choice == "none":
             return
@@ -409,13 +441,9 @@ class Trainer:
             return
         model_state, state = CheckpointManager.load(path)
         model_state = check_state(self.raw_model, model_state, str(path))  # names any difference
-        if "deepspeed_dir" in state["optimizer"]:
-            self.model.load_checkpoint(state["optimizer"]["deepspeed_dir"], tag="state")
-        else:
-            set_state_dict(self.raw_model, self.optimizer, model_state_dict=model_state,
-                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        self.strategy.load(path, model_state, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.strategy.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
         self.wandb_id = state.get("wandb_id") or None
         self.set_rng_state(state["rng"])
@@ -445,6 +473,16 @@ class Trainer:
         self.wandb = wandb.init(project=self.args.wandb_project, name=self.task.name, id=self.wandb_id,
                                 resume="allow", mode=mode, dir=str(self.run_dir), config=vars(self.args))
 
+    def log_step(self, window: DeviceSums):
+        elapsed = time.time() - self.t_log
+        row = {"step": self.step, "epoch": self.epoch, **window.read(self.strategy),
+               "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": self.tokens_seen / max(elapsed, 1e-9),
+               "elapsed_s": round(time.time() - self.t_start, 2)}
+        self.record(row)
+        self.tokens_seen, self.t_log = 0, time.time()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+
     # -- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict | None:
@@ -453,122 +491,19 @@ class Trainer:
         self.model.eval()
         sampler = DistributedSampler(self.task.val_data, self.world, self.rank, shuffle=False)
         loader = self.make_loader(self.task.val_data, sampler, 0)
-        sums, n = {}, 0
-        for i, batch in enumerate(loader):
-            if i >= self.args.eval_batches:
+        sums, n = DeviceSums(), 0
+        for batch in loader:
+            if n >= self.args.eval_batches:
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with autocast_context(self.device.type, self.amp_dtype):
-                loss, metrics = self.task.loss(self.model, batch)
-            for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                loss, metrics = self.task.loss(self.model, batch, **self.frozen)
+            sums.add({"loss": loss, **metrics})
             n += 1
         self.model.train()
         if n == 0:
             return None
-        return self.mean_over_ranks({f"val_{k}": v / n for k, v in sums.items()})
-
-    # -- the loop
-    def fit(self) -> dict:
-        args = self.args
-        torch.manual_seed(args.seed + self.rank)
-        random.seed(args.seed + self.rank)
-        self.resume()
-        self.start_wandb()
-        if self.master:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        bar = None
-        if self.master and not args.quiet:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=self.task.name, dynamic_ncols=True)
-        start, tokens_seen, t_log = time.time(), 0, time.time()
-        self.model.train()
-        try:
-            while self.step < self.total_steps and self.epoch < args.epochs:
-                sampler = self.make_sampler(self.epoch)
-                # Only whole optimizer steps: a partial accumulation group would leak gradients into the next epoch.
-                sampler.start, sampler.end = self.consumed, self.steps_per_epoch * self.accum * args.batch_size
-                loader = self.make_loader(self.task.train_data, sampler, args.seed + self.epoch)
-                micro, bad_loss, window = 0, False, {}
-                for batch in loader:
-                    sync = (micro + 1) % self.accum == 0
-                    batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                    with self.micro_step_context(sync), autocast_context(self.device.type, self.amp_dtype):
-                        loss, metrics = self.task.loss(self.model, batch)
-                    bad_loss |= not bool(torch.isfinite(loss.detach()))
-                    if args.deepspeed:
-                        self.model.backward(loss)
-                    else:
-                        self.scaler.scale(loss / self.accum).backward()
-                    tokens_seen += self.task.count_tokens(batch) * self.world
-                    for k, v in {"loss": loss.detach(), **metrics}.items():
-                        window[k] = window.get(k, 0.0) + float(v) / self.accum
-                    micro += 1
-                    if not sync:
-                        if args.deepspeed:
-                            self.model.step()
-                        continue
-                    if self.any_rank(bad_loss):
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.save_checkpoint()
-                        raise NonFiniteLoss(
-                            f"loss became non-finite at step {self.step + 1}; the last good state is saved in "
-                            f"{self.checkpoints.dir}. Lower --learning_rate, raise --warmup_iters or use --dtype "
-                            f"bfloat16/float32, then resume with --resume auto.")
-                    self.optimizer_step()
-                    self.consumed += self.accum * args.batch_size
-                    if self.step % args.log_interval == 0 or self.step == self.total_steps:
-                        elapsed = time.time() - t_log
-                        row = {"step": self.step, "epoch": self.epoch, **self.mean_over_ranks(window),
-                               "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                               "elapsed_s": round(time.time() - start, 2)}
-                        self.record(row)
-                        tokens_seen, t_log = 0, time.time()
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                            tok_s=f"{row['tokens_per_s']:.0f}")
-                    window = {}
-                    if bar is not None:
-                        bar.update(1)
-                    if args.eval_interval and self.step % args.eval_interval == 0:
-                        self.run_eval()
-                    stop = self.any_rank(self.stop_requested)
-                    if stop or (args.save_interval and self.step % args.save_interval == 0):
-                        self.save_checkpoint()
-                    if stop:
-                        self.log(f"stopped by signal at step {self.step}; resume with --resume auto")
-                        return {"stopped": True, "step": self.step}
-                    if self.step >= self.total_steps:
-                        break
-                    bad_loss = False
-                else:  # the epoch ran out
-                    self.epoch, self.consumed = self.epoch + 1, 0
-                    self.save_checkpoint()
-                    continue
-                break
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            if bar is not None:
-                bar.close()
-        return self.finish(time.time() - start)
-
-    def optimizer_step(self):
-        args = self.args
-        if args.deepspeed:
-            self.model.step()
-        else:
-            if args.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in self.raw_model.parameters() if p.requires_grad],
-                                               args.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
+        return {f"val_{k}": v / n for k, v in sums.read(self.strategy).items()}
 
     def run_eval(self):
         val = self.evaluate()
@@ -579,11 +514,111 @@ class Trainer:
             if self.master:
                 plot_metrics(self.metrics_file, self.run_dir / "loss.png", self.task.name)
 
+    # -- the loop
+    def fit(self) -> dict:
+        """Train to --max_steps or the last epoch and save the result. A stop signal saves a checkpoint and raises
+        Stopped; a non-finite loss saves the last good state and raises NonFiniteLoss."""
+        args = self.args
+        torch.manual_seed(args.seed + self.rank)
+        random.seed(args.seed + self.rank)
+        self.resume()
+        self.start_wandb()
+        if self.master:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.bar = None
+        if self.master and not args.quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.task.name, dynamic_ncols=True)
+        self.t_start = self.t_log = time.time()
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                self.train_epoch()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.bar is not None:
+                self.bar.close()
+        return self.finish(time.time() - self.t_start)
+
+    def train_epoch(self):
+        """From the current data position to the end of the epoch, or of training."""
+        args = self.args
+        sampler = self.make_sampler(self.epoch)
+        sampler.start, sampler.end = self.consumed, self.epoch_samples
+        window = DeviceSums()  # this optimizer step's loss and metrics, on the device until a log step reads them
+        for micro, batch in enumerate(self.make_loader(self.task.train_data, sampler, args.seed + self.epoch)):
+            sync = (micro + 1) % self.accum == 0
+            loss, metrics = self.micro_step(batch, sync)
+            window.add({"loss": loss, **metrics}, 1 / self.accum)
+            if not sync:
+                continue
+            self.optimizer_step()
+            epoch_done, last = self.consumed == self.epoch_samples, self.step == self.total_steps
+            log = self.step % args.log_interval == 0 or last
+            stop = self.strategy.max_over_ranks(self.stop_signal)
+            save = stop or epoch_done or last or (args.save_interval and self.step % args.save_interval == 0)
+            if log or save:  # the only places the host waits for the device
+                self.check_finite()
+            if log:
+                self.log_step(window)
+            window = DeviceSums()
+            if self.bar is not None:
+                self.bar.update(1)
+            if epoch_done:
+                self.epoch, self.consumed = self.epoch + 1, 0
+            if args.eval_interval and self.step % args.eval_interval == 0:
+                self.run_eval()
+            if save:
+                self.save_checkpoint()
+            if stop:
+                raise Stopped(f"stopped by {signal.Signals(stop).name} at step {self.step}, checkpoint saved; "
+                              f"resume with --resume auto", stop)
+            if last:
+                return
+
+    def micro_step(self, batch, sync: bool):
+        """Forward and backward of one batch; returns the loss and metrics, detached, on the device."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self.strategy.micro_step(sync):
+            with autocast_context(self.device.type, self.amp_dtype):
+                loss, metrics = self.task.loss(self.model, batch, **self.frozen)
+            self.strategy.backward(loss, sync)
+        self.finite.observe(loss.detach())
+        self.tokens_seen += self.task.count_tokens(batch) * self.world
+        return loss.detach(), metrics
+
+    def optimizer_step(self):
+        self.optimizer.skip = self.finite.skip_flag(self.step + 1, self.strategy)
+        self.strategy.step()
+        self.scheduler.step()
+        self.step += 1
+        self.consumed += self.accum * self.args.batch_size
+
+    def check_finite(self):
+        """Read the non-finite flag (a sync). If a loss went bad, the steps since were skipped on the device: rewind
+        the counters to the last good step, save that state and raise NonFiniteLoss."""
+        bad = self.finite.first_bad_step()
+        if not bad:
+            return
+        good = bad - 1
+        self.consumed -= (self.step - good) * self.accum * self.args.batch_size  # the same epoch: checked at its end
+        self.step = good
+        self.scheduler.last_epoch = good - 1
+        self.scheduler.step()  # the schedule is a function of the step: back to its value at the good one
+        self.save_checkpoint()
+        raise NonFiniteLoss(
+            f"loss became non-finite at step {bad}; the last good state (step {good}) is saved in "
+            f"{self.checkpoints.dir}. Lower --learning_rate, raise --warmup_iters or use --dtype bfloat16/float32, "
+            f"then resume with --resume auto.")
+
     def finish(self, seconds: float) -> dict:
         if not (self.args.eval_interval and self.step % self.args.eval_interval == 0):
             self.run_eval()
         output = None
-        state = self.full_state(with_optimizer=False)
+        state = self.strategy.model_state()
         if self.master:
             output = self.task.save_final(self.raw_model, state, Path(self.args.out_dir))
             self.log(f"saved {output}")
@@ -591,13 +626,12 @@ class Trainer:
                 plot_metrics(self.metrics_file, self.run_dir / "loss.png", self.task.name)
         if self.wandb is not None:
             self.wandb.finish()
-        if self.world > 1:
-            dist.barrier()
-        return {"stopped": False, "step": self.step, "seconds": seconds, "val_loss": self.last_val_loss,
+        self.strategy.barrier()
+        return {"step": self.step, "seconds": seconds, "val_loss": self.last_val_loss,
                 "output": str(output) if output else None}
 
     def _on_signal(self, signum, frame):
-        if self.stop_requested and signum == signal.SIGINT:
+        if self.stop_signal and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.stop_requested = True
+        self.stop_signal = self.stop_signal or signum
         self.log(f"signal {signum}: finishing this step, saving a checkpoint, then stopping")

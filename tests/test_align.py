@@ -147,3 +147,24 @@ def test_alignment_stages_resume_exactly_after_kill_9(demo_data, tiny_sft, tmp_p
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, (k, differ[:5])
+
+
+@pytest.mark.parametrize("stage", ["sft", "lora"])
+def test_gradient_checkpointing_trains_the_same_weights(demo_data, tiny_sft, tmp_path, stage):
+    """--gradient_checkpointing recomputes each block in the backward pass instead of keeping its activations:
+    the same weights come out, also where the blocks' input needs no gradient (frozen embeddings, LoRA)."""
+    def run(out, *extra):
+        if stage == "sft":
+            load_script("3-full_sft.py").main(sft_flags(demo_data, out, "--max_steps", "3", "--init_from",
+                                                        str(tiny_sft), "--freeze_embeddings", *extra))
+            return load_file(str(out / "full_sft_64.safetensors"))
+        load_script("4-lora_sft.py").main(lora_flags(demo_data, tiny_sft, out, "--max_steps", "3", "--save_interval",
+                                                     "0", "--lora_dropout", "0", *extra))
+        return load_file(str(out / "lora_sft_64" / "adapter_model.safetensors"))
+
+    plain, checkpointed = run(tmp_path / "plain"), run(tmp_path / "ckpt", "--gradient_checkpointing")
+    assert plain.keys() == checkpointed.keys()
+    for k in plain:
+        torch.testing.assert_close(checkpointed[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
+    before = load_file(str(tiny_sft))
+    assert any(not torch.equal(plain[k], before[k]) for k in plain if k in before) or stage == "lora"

@@ -7,6 +7,10 @@ from conftest import ROOT
 
 
 def test_tiny_demo_runs_every_stage_and_summarises(tmp_path):
+    earlier = tmp_path / "demo"  # a folder an earlier demo run made: replaced whole
+    earlier.mkdir()
+    (earlier / ".minimind_demo").write_text("")
+    (earlier / "stale.txt").write_text("from the earlier run")
     done = subprocess.run([sys.executable, "demo.py", "--tiny", "--out_dir", str(tmp_path / "demo")], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -27,3 +31,14 @@ def test_tiny_demo_runs_every_stage_and_summarises(tmp_path):
     assert summary["C-Eval-format accuracy (demo val, chance 25%)"].endswith("/144)")
     for name in ("pretrain_64.safetensors", "full_sft_64.safetensors", "dpo_64.safetensors", "lora_sft_64"):
         assert (tmp_path / "demo" / name).exists()
+    assert not (earlier / "stale.txt").exists() and (earlier / ".minimind_demo").exists()
+
+
+def test_the_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "pretrain_512.safetensors").write_bytes(b"weights a user trained")
+    done = subprocess.run([sys.executable, "demo.py", "--tiny", "--out_dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (f"error: --out_dir {tmp_path} holds files the demo did not write: give a new or "
+                                   f"empty folder (the demo replaces only a folder it made)")
+    assert (tmp_path / "pretrain_512.safetensors").read_bytes() == b"weights a user trained"

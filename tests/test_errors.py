@@ -51,12 +51,38 @@ def run(script, *args):
      "temperature must be 0 (greedy) or more, got -1.0"),
     ("1-pretrain.py", ["--data_path", "{root}/no_tokens", "--preset", "demo", "--out_dir", "{root}/out"],
      "no token index at {root}/no_tokens"),
+    # A --val_path that cannot be used is an error, not a run without validation.
+    ("1-pretrain.py", ["--data_path", "{demo}/tokens", "--val_path", "{demo}/data/pretrain_data.jsonl", "--out_dir",
+                       "{root}/out", "--device", "cpu", "--dim", "64", "--n_layers", "1", "--n_heads", "4",
+                       "--n_kv_heads", "2", "--vocab_size", "1000", "--max_seq_len", "64", "--max_steps", "1", "--quiet"],
+     "{demo}/data/pretrain_data.jsonl is raw text; tokenize it first"),
 ])
-def test_scripts_report_bad_input_in_one_line(bad_inputs, script, args, message):
-    done = run(script, *(a.format(root=bad_inputs) for a in args))
+def test_scripts_report_bad_input_in_one_line(bad_inputs, demo_data, script, args, message):
+    done = run(script, *(a.format(root=bad_inputs, demo=demo_data) for a in args))
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
-    assert f"error: {message.format(root=bad_inputs)}" in done.stderr
+    assert f"error: {message.format(root=bad_inputs, demo=demo_data)}" in done.stderr
+
+
+@pytest.mark.skipif(torch.version.cuda is not None or torch.backends.mps.is_available(),
+                    reason="the messages of a CPU-only torch")
+@pytest.mark.parametrize("script, device, args", [
+    ("1-pretrain.py", "cuda", ["--data_path", "{root}/no_tokens"]),
+    ("2-eval.py", "cuda:3", ["--ckpt", "{root}/page/full_sft_64.safetensors", "--prompt", "Hi"]),
+    ("eval_ceval.py", "mps", ["--ckpt", "{root}/page/full_sft_64.safetensors", "--data_dir", "{root}"]),
+])
+def test_a_device_this_torch_lacks_is_one_line_that_says_how_to_get_it(bad_inputs, script, device, args):
+    done = run(script, "--device", device, *(a.format(root=bad_inputs) for a in args))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    if device == "mps":
+        assert lines[0] == (f"error: --device mps asks for Apple's GPU (mps); this torch ({torch.__version__}) on "
+                            f"this machine has none: use --device cpu")
+    else:
+        assert lines[0] == (f"error: --device {device} asks for an NVIDIA GPU; this torch is a CPU-only build "
+                            f"({torch.__version__}). For the CUDA build: pip install torch==2.13.0 --index-url "
+                            f"https://download.pytorch.org/whl/cu130 (README: GPU)")
 
 
 def test_a_bad_row_found_by_a_dataloader_worker_is_reported_without_its_traceback(bad_inputs, demo_data):

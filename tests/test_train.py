@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, load_script, tiny_model
-from model.checkpoint import CheckpointMismatch
+from model.checkpoint import CheckpointMismatch, save_weights
+from model.distributed import transformer_blocks
 from model.trainer import NonFiniteLoss, Task, Trainer, autocast_context, resolve_precision
 
 TINY = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--vocab_size", "1000",
@@ -108,10 +109,10 @@ def launch(args, launcher="torchrun", nproc=2):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
 def test_two_processes_match_one_with_the_same_global_batch(demo_data, tmp_path, strategy):
-    flags = ["--max_steps", "4", "--save_interval", "0"]
+    flags = ["--max_steps", "6", "--save_interval", "2", "--keep_checkpoints", "2"]
     extra = ["--deepspeed", "ds_config.json"] if strategy == "deepspeed" else ["--strategy", strategy]
-    launch(["1-pretrain.py", *pretrain_args(demo_data, tmp_path / "two", *flags, *extra)],
-           "deepspeed" if strategy == "deepspeed" else "torchrun")
+    launcher = "deepspeed" if strategy == "deepspeed" else "torchrun"
+    launch(["1-pretrain.py", *pretrain_args(demo_data, tmp_path / "two", *flags, *extra)], launcher)
     args = pretrain_args(demo_data, tmp_path / "one", *flags)
     args[args.index("--batch_size") + 1] = "16"  # 2 processes x 8 = 16
     load_script("1-pretrain.py").main(args)
@@ -120,23 +121,41 @@ def test_two_processes_match_one_with_the_same_global_batch(demo_data, tmp_path,
     same_weights(tmp_path / "one" / "pretrain_64.safetensors", tmp_path / "two" / "pretrain_64.safetensors", 1e-4)
     losses = [r["loss"] for r in metrics(tmp_path / "two") if "loss" in r]
     assert losses[-1] < losses[0]
+    if strategy == "ddp":
+        return
+    # Resuming the sharded state (FSDP2's, DeepSpeed's partitions) from step 4 ends bitwise where the run ended.
+    ckpts = tmp_path / "two" / "pretrain_64" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000004", "step_00000006"]  # pruned, nothing left over
+    if strategy == "deepspeed":  # its partitions live inside the checkpoint, under the manifest
+        manifest = json.loads((ckpts / "step_00000004" / "manifest.json").read_text())["files"]
+        assert any(f.startswith("deepspeed/state/") and "optim_states" in f for f in manifest), manifest
+        assert sorted(p.name for p in (tmp_path / "two" / "pretrain_64").iterdir()) == ["checkpoints", "loss.png",
+                                                                                      "metrics.jsonl"]
+    launch(["1-pretrain.py", *pretrain_args(demo_data, tmp_path / "resumed", *flags, *extra, "--resume",
+                                            str(ckpts / "step_00000004"))], launcher)
+    same_weights(tmp_path / "two" / "pretrain_64.safetensors", tmp_path / "resumed" / "pretrain_64.safetensors")
 
 
-def test_sigterm_saves_a_checkpoint_then_resume_finishes(demo_data, tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_a_checkpoint_and_exits_as_the_shell_expects(demo_data, tmp_path, signum, status):
     flags = ["--max_steps", "400", "--save_interval", "0"]
     proc = run_script_process("1-pretrain.py", pretrain_args(demo_data, tmp_path, *flags))
     wait_for(tmp_path / "pretrain_64" / "metrics.jsonl", proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "stopped by signal" in output
+    assert proc.returncode == status, output  # 128 + the signal's number, not 0: the run did not finish
+    assert f"stopped by {signal.Signals(signum).name} at step" in output and "Traceback" not in output
+    assert "CPU run: glibc keeps freed memory" in output  # the script's opt-in says so
     saved = list((tmp_path / "pretrain_64" / "checkpoints").iterdir())
     assert len(saved) == 1
     stopped_at = int(saved[0].name.split("_")[1])
     assert 0 < stopped_at < 400
-    result = load_script("1-pretrain.py").main(
-        pretrain_args(demo_data, tmp_path, "--max_steps", str(stopped_at + 3), "--save_interval", "0",
-                      "--resume", "auto"))
-    assert result["step"] == stopped_at + 3
+    assert not (tmp_path / "pretrain_64.safetensors").exists()
+    if signum == signal.SIGTERM:
+        result = load_script("1-pretrain.py").main(
+            pretrain_args(demo_data, tmp_path, "--max_steps", str(stopped_at + 3), "--save_interval", "0",
+                          "--resume", "auto"))
+        assert result["step"] == stopped_at + 3
 
 
 def test_sft_starts_from_pretrain_weights_and_trains_on_answers_only(demo_data, tmp_path):
@@ -155,7 +174,7 @@ def test_sft_starts_from_pretrain_weights_and_trains_on_answers_only(demo_data, 
     # The loss is the cross-entropy over answer tokens only.
     from model.stages import sft_task
 
-    model, task = sft_task(_sft_namespace(sft_flags))
+    model, task = sft_task(sft.build_parser().parse_args(sft_flags))
     batch = task.collate([task.train_data[i] for i in range(3)])
     loss, _ = task.loss(model, batch)
     logits = model(batch["input_ids"]).logits[:, :-1]
@@ -171,28 +190,54 @@ def test_sft_starts_from_pretrain_weights_and_trains_on_answers_only(demo_data, 
         strict_load(tiny_model(dim=32, n_heads=4, n_kv_heads=2, vocab_size=1000), pre, "pretrain_64")
 
 
-def _sft_namespace(flags):
-    import argparse
+@pytest.fixture
+def small_sft(demo_data, tmp_path):
+    """40 SFT rows (10 steps of batch 4 per epoch, no held-out split) and a tiny base model with dropout."""
+    rows = tmp_path / "sft_40.jsonl"
+    rows.write_text("".join(open(demo_data / "data" / "sft_data.jsonl").readlines()[:40]))
+    model = tiny_model(vocab_size=1000, dropout=0.1)  # dropout: the RNG must resume too
+    save_weights(tmp_path / "base_64.safetensors", model.state_dict(), model.config)
+    return rows, tmp_path / "base_64.safetensors"
 
-    from model.trainer import add_model_args, add_train_args
 
-    parser = argparse.ArgumentParser()
-    add_train_args(parser)
-    add_model_args(parser)
-    parser.add_argument("--freeze_embeddings", action="store_true")
-    return parser.parse_args(flags)
+def sft_run(demo_data, small_sft, out, *extra):
+    rows, base = small_sft
+    return ["--data_path", str(rows), "--init_from", str(base), "--out_dir", str(out), "--tokenizer",
+            str(demo_data / "tokenizer"), "--max_seq_len", "64", "--device", "cpu", "--quiet", "--batch_size", "4",
+            "--learning_rate", "1e-3", "--log_interval", "1", *extra]
+
+
+def test_a_run_whose_epochs_end_before_max_steps_saves_a_final_checkpoint(demo_data, small_sft, tmp_path):
+    result = load_script("3-full_sft.py").main(sft_run(demo_data, small_sft, tmp_path, "--max_steps", "100",
+                                                       "--save_interval", "0"))
+    assert result["step"] == 10 and Path(result["output"]).exists()  # one epoch of 10 steps, then the output
+    saved = tmp_path / "full_sft_64" / "checkpoints"
+    assert [p.name for p in saved.iterdir()] == ["step_00000010"]
+    state = torch.load(saved / "step_00000010" / "train_state.pt", weights_only=True)
+    assert (state["step"], state["epoch"], state["consumed"]) == (10, 1, 0)
+
+
+def test_sft_resumes_bitwise_across_an_epoch_boundary(demo_data, small_sft, tmp_path):
+    sft = load_script("3-full_sft.py")
+    flags = ["--epochs", "2", "--save_interval", "6", "--keep_checkpoints", "0"]
+    sft.main(sft_run(demo_data, small_sft, tmp_path / "straight", *flags))
+    mid_epoch = tmp_path / "straight" / "full_sft_64" / "checkpoints" / "step_00000006"
+    result = sft.main(sft_run(demo_data, small_sft, tmp_path / "resumed", *flags, "--resume", str(mid_epoch)))
+    assert result["step"] == 20
+    same_weights(tmp_path / "straight" / "full_sft_64.safetensors", tmp_path / "resumed" / "full_sft_64.safetensors")
 
 
 def test_precision_choice_and_autocast():
-    assert resolve_precision("cpu", "auto") == (None, False)
-    assert resolve_precision("cuda", "auto", bf16_supported=True) == (torch.bfloat16, False)
-    assert resolve_precision("cuda", "auto", bf16_supported=False) == (torch.float16, True)
-    assert resolve_precision("cpu", "bfloat16") == (torch.bfloat16, False)
-    assert resolve_precision("cuda", "float16") == (torch.float16, True)
-    assert resolve_precision("cuda", "float32") == (None, False)
+    assert resolve_precision("cpu", "auto") is None
+    assert resolve_precision("cuda", "auto", bf16_supported=True) is torch.bfloat16
+    assert resolve_precision("cuda", "auto", bf16_supported=False) is torch.float16
+    assert resolve_precision("cpu", "bfloat16") is torch.bfloat16
+    assert resolve_precision("cuda", "float16") is torch.float16
+    assert resolve_precision("cuda", "float32") is None
     model = tiny_model()
     seen = {}
-    model.model.layers[0].attention.wq.register_forward_hook(
+    first_linear = next(m for m in transformer_blocks(model)[0].modules() if isinstance(m, torch.nn.Linear))
+    first_linear.register_forward_hook(
         lambda m, i, o: seen.update(on=torch.is_autocast_enabled("cpu"), dtype=o.dtype))
     with autocast_context("cpu", torch.bfloat16):
         model(torch.randint(0, 128, (1, 8)))
@@ -211,30 +256,89 @@ class Numbers(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
-def test_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path):
+def nan_at(call: int | None):
+    """The LM loss, NaN at the given call (micro-step) of the run."""
     calls = {"n": 0}
 
     def loss(model, batch):
         calls["n"] += 1
         out = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        return (out * float("nan") if calls["n"] == 4 else out), {}
+        return (out * float("nan") if calls["n"] == call else out), {}
+    return loss
 
+
+def train_numbers(out, loss, *flags):
     import argparse
 
     from model.trainer import add_train_args
 
     parser = argparse.ArgumentParser()
     add_train_args(parser)
-    args = parser.parse_args(["--out_dir", str(tmp_path), "--batch_size", "4", "--device", "cpu", "--quiet",
-                              "--save_interval", "0", "--log_interval", "1"])
-    model = tiny_model().train()
-    task = Task("nan_test", Numbers(), loss, lambda m, s, o: None)
-    with pytest.raises(NonFiniteLoss, match="non-finite at step 4"):
-        Trainer(args, model, task).fit()
-    saved = list((tmp_path / "nan_test" / "checkpoints").iterdir())
+    args = parser.parse_args(["--out_dir", str(out), "--batch_size", "4", "--device", "cpu", "--quiet", *flags])
+    return Trainer(args, tiny_model().train(), Task("nan_test", Numbers(), loss, lambda m, s, o: None)).fit()
+
+
+@pytest.mark.parametrize("log_interval", [1, 10])
+def test_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path, log_interval):
+    # The flag is read at log steps only: with --log_interval 10 the NaN of step 4 is seen at step 10, and the
+    # steps between were skipped on the device, so the state saved is still step 3's.
+    with pytest.raises(NonFiniteLoss, match="non-finite at step 4; the last good state .step 3."):
+        train_numbers(tmp_path / "nan", nan_at(4), "--save_interval", "0", "--log_interval", str(log_interval))
+    saved = list((tmp_path / "nan" / "nan_test" / "checkpoints").iterdir())
     assert [p.name for p in saved] == ["step_00000003"]
     weights = load_file(str(saved[0] / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+    train_numbers(tmp_path / "clean", nan_at(None), "--save_interval", "3", "--keep_checkpoints", "0")
+    clean = tmp_path / "clean" / "nan_test" / "checkpoints" / "step_00000003"
+    same_weights(clean / "model.safetensors", saved[0] / "model.safetensors")
+    state, clean_state = (torch.load(p / "train_state.pt", weights_only=True) for p in (saved[0], clean))
+    assert (state["step"], state["epoch"], state["consumed"]) == (3, 0, 12)
+    assert state["scheduler"]["last_epoch"] == 3
+    assert state["scheduler"]["_last_lr"] == clean_state["scheduler"]["_last_lr"]
+    moments = [(a[k], b[k]) for a, b in zip(state["optimizer"]["state"].values(),
+                                            clean_state["optimizer"]["state"].values()) for k in ("exp_avg", "exp_avg_sq")]
+    assert moments and all(torch.equal(a, b) for a, b in moments)
+
+
+# Whether glibc mmaps a 64 MB block (its default) or takes it from the heap (after keep_freed_memory), in a child
+# process whose allocator nothing else has touched.
+ALLOCATOR_PROBE = """
+import ctypes, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks "
+                                              "keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype, libc.free.argtypes = Info, ctypes.c_void_p, [ctypes.c_void_p]
+def mmapped():
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(64 << 20)
+    grown = libc.mallinfo2().hblkhd - before
+    libc.free(block)
+    return grown >= 64 << 20
+from conftest import load_script, tiny_model
+from test_train import Numbers
+from model.trainer import Task, Trainer, keep_freed_memory_if_asked
+parser = load_script("1-pretrain.py").build_parser()
+Trainer(parser.parse_args(["--device", "cpu", "--batch_size", "4"]), tiny_model(), Task("t", Numbers(), None, None))
+print("after a Trainer:", mmapped())
+keep_freed_memory_if_asked(parser.parse_args(["--device", "cpu", "--no-keep_freed_memory"]))
+print("after --no-keep_freed_memory:", mmapped())
+keep_freed_memory_if_asked(parser.parse_args(["--device", "cpu"]))
+print("after the default:", mmapped())
+"""
+
+
+def test_keeping_freed_memory_is_the_scripts_visible_opt_in():
+    done = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE.format(root=str(ROOT), tests=str(ROOT / "tests"))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1:] == [  # after the Trainer's line naming its backend
+        "after a Trainer: True", "after --no-keep_freed_memory: True",
+        "CPU run: glibc keeps freed memory for reuse (faster steps; --no-keep_freed_memory turns it off)",
+        "after the default: False"]
+    assert "--keep_freed_memory, --no-keep_freed_memory" in load_script("1-pretrain.py").build_parser().format_help()
 
 
 def test_wandb_logs_offline_without_an_api_key(demo_data, tmp_path, monkeypatch):

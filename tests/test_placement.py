@@ -1,0 +1,59 @@
+"""Every stage's loss runs where the trainer puts the model, checked without a GPU.
+
+The trainer's device is PyTorch's `meta` device while each stage builds its modules on the CPU, as it does for a
+GPU run; a forward pre-hook on every module fails on any parameter, buffer or argument not on the trainer's device
+(a meta tensor mixed with a CPU one does not always raise by itself).
+"""
+import pytest
+import torch
+
+from conftest import load_script, tiny_model
+from model.checkpoint import save_weights
+from model.trainer import Trainer
+from test_align import dpo_flags, lora_flags, sft_flags
+from test_train import pretrain_args
+
+STAGES = {
+    "pretrain": ("1-pretrain.py", lambda data, base, out: pretrain_args(data, out)),
+    "sft": ("3-full_sft.py", lambda data, base, out: sft_flags(data, out, "--init_from", str(base))),
+    "lora": ("4-lora_sft.py", lambda data, base, out: lora_flags(data, base, out)),
+    "dpo": ("5-dpo_train.py", lambda data, base, out: dpo_flags(data, base, out)),
+    "dpo_lora": ("5-dpo_train.py", lambda data, base, out: dpo_flags(data, base, out, "--lora_rank", "4")),
+}
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    model = tiny_model(vocab_size=1000)
+    path = tmp_path_factory.mktemp("placement") / "base_64.safetensors"
+    save_weights(path, model.state_dict(), model.config)
+    return path
+
+
+def on_device(device):
+    def check(module, inputs):
+        named = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False),
+                 *((f"argument {i}", x) for i, x in enumerate(inputs) if isinstance(x, torch.Tensor))]
+        for name, tensor in named:
+            assert tensor.device == device, f"{type(module).__name__} {name} is on {tensor.device}, the trainer's " \
+                                            f"device is {device}"
+    return check
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_training_micro_step_touches_only_the_trainers_device(stage, demo_data, base_model, tmp_path):
+    script, flags = STAGES[stage]
+    module = load_script(script)
+    args = module.build_parser().parse_args(flags(demo_data, base_model, tmp_path))
+    model, task = getattr(module, f"{stage.split('_')[0]}_task")(args)
+    meta = torch.device("meta")
+    trainer = Trainer(args, model, task, device=meta)
+    batch = (task.collate or torch.utils.data.default_collate)([task.train_data[i] for i in range(2)])
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(on_device(meta))
+    try:
+        loss, _ = trainer.micro_step(batch, sync=True)
+    finally:
+        handle.remove()
+    assert loss.device == meta
+    trained = [p for p in trainer.raw_model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.device == meta for p in trained)
