@@ -161,3 +161,45 @@ def pad_collate(batch, pad_id: int = 0):
             padded[r, :len(s)] = s
         out[key] = padded
     return out
+
+
+def normalize_prompt(obj) -> dict:
+    """A GRPO prompt row: {"messages": [...]} or {"prompt": "..."}, with any other fields (an answer, ...) kept
+    for the reward function -> {"messages": [...], "fields": {...}}."""
+    from .processing import normalize_messages
+
+    if "messages" in obj:
+        messages = normalize_messages(obj["messages"])
+    elif isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+        messages = [{"role": "user", "content": obj["prompt"]}]
+    else:
+        raise ValueError("no messages and no prompt")
+    if messages[-1]["role"] != "user":
+        raise ValueError("the last message is not the user's")
+    return {"messages": messages, "fields": {k: v for k, v in obj.items() if k not in ("messages", "prompt")}}
+
+
+class PromptDataset(Dataset):
+    """Prompts to sample completions for (GRPO): each item is the prompt's ids and its row number, by which the
+    loss finds the row's fields for the reward."""
+
+    def __init__(self, path, tokenizer, max_prompt_length: int = 256):
+        self.rows, self.tokenizer, self.max_prompt_length = JsonlRows(path), tokenizer, max_prompt_length
+
+    def __len__(self):
+        return len(self.rows)
+
+    def row(self, i) -> dict:
+        return self.rows.parse(i, normalize_prompt)
+
+    def __getitem__(self, i):
+        messages = self.row(i)["messages"]
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+        return {"input_ids": torch.tensor(ids[-self.max_prompt_length:]), "row": torch.tensor(i)}
+
+
+def prompt_collate(batch, pad_id: int = 0):
+    """Right-padded prompt ids, their lengths and row numbers."""
+    padded = pad_collate([{"input_ids": b["input_ids"]} for b in batch], pad_id)
+    return {**padded, "prompt_length": torch.tensor([len(b["input_ids"]) for b in batch]),
+            "row": torch.stack([b["row"] for b in batch])}

@@ -65,9 +65,20 @@ def init_weights_from(args, default_stage: str, config_hint):
     if not Path(path).exists() and not Path(path + ".safetensors").exists() and not Path(path).is_dir():
         raise FileNotFoundError(f"no starting weights at {path}: run the {default_stage} stage first or pass --init_from")
     model = load_model(path)
-    if args.dropout is not None:
-        model.config.dropout = args.dropout
+    if args.dropout is not None:  # the modules were built with the checkpoint's rate
+        set_dropout(model, args.dropout)
     return model.train(), path
+
+
+def set_dropout(model, rate: float):
+    from .model import Attention
+
+    model.config.dropout = rate
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = rate
+        elif isinstance(m, Attention):
+            m.dropout = rate
 
 
 # --------------------------------------------------------------------------------------------------- stages
@@ -239,3 +250,209 @@ def dpo_task(args):
     return model, Task(name, train, dpo_loss(args.beta, args.label_smoothing), save, val_data=val,
                        collate=partial(dpo_collate, pad_id=tokenizer.pad_token_id or 0),
                        frozen={} if reference is None else {"reference": reference})
+
+
+# ------------------------------------------------------------------------------------------------------ GRPO
+def unwrap(model):
+    """The model inside DDP / DeepSpeed (`.module`) and torch.compile (`._orig_mod`) wrappers: what generation
+    runs on (a decode step through DDP would wait for a gradient all-reduce that never comes)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None or not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+class GRPOLoss:
+    """GRPO's loss for one batch of prompts: sample G completions of each with the current policy (our batched
+    generator), score them with the reward function, and apply model/rl.py's policy_loss.
+
+    With --iterations k every batch comes k times in a row (Task.repeat): the first time samples, keeps the rollout
+    and its log-probs (then the sampling policy's, the `old` of the ratio), the next k-1 update from the same
+    rollout. The kept rollouts are the task's state, saved with each checkpoint, so a resumed run is the same run.
+    In validation (no gradient) it answers each prompt greedily once and reports the reward.
+    """
+
+    def __init__(self, prompts, val_prompts, tokenizer, reward, args, per_step_batches: int):
+        from .rl import load_reward
+
+        self.prompts, self.val_prompts, self.tokenizer = prompts, val_prompts, tokenizer
+        self.reward = load_reward(reward)
+        self.args, self.per_step = args, per_step_batches
+        self.kept = {}  # prompt rows of a batch -> its rollout, while its iterations last
+        self.tokens = 0  # prompt + completion tokens of the last rollout, for the trainer's tokens/s
+
+    # -- the trainer's hooks
+    def state(self) -> dict:
+        return {"kept": [(list(k), v) for k, v in self.kept.items()]}
+
+    def load_state(self, state: dict):
+        self.kept = {tuple(k): v for k, v in state["kept"]}
+
+    def count_tokens(self, batch) -> int:
+        return self.tokens
+
+    # -- one batch
+    def __call__(self, model, batch, reference=None):
+        rows = batch["row"].tolist()
+        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"].tolist())]
+        if not torch.is_grad_enabled():
+            return self.validate(model, prompts, rows)
+        key = tuple(rows)
+        rollout = self.kept.get(key)
+        if rollout is None:
+            if len(self.kept) >= self.per_step:  # a new optimizer step's batches: the previous ones are done
+                self.kept.clear()
+            rollout = self.rollout(model, prompts, rows, reference)
+        ids, mask = rollout["ids"].to(batch["row"].device), rollout["mask"].to(batch["row"].device)
+        logps = self.token_logps(model, ids)
+        if "old" not in rollout:  # the first pass: the policy that sampled is this one
+            rollout["old"] = logps.detach().cpu()
+            if self.args.iterations > 1:
+                self.kept[key] = rollout
+        from .rl import policy_loss
+
+        ref = rollout["ref"].to(ids.device) if rollout.get("ref") is not None else None
+        loss, stats = policy_loss(logps, rollout["old"].to(ids.device), ref, rollout["advantages"].to(ids.device),
+                                  mask, self.args.loss, self.args.epsilon, self.args.epsilon_high, self.args.beta,
+                                  self.args.max_new_tokens)
+        rewards = rollout["rewards"].to(ids.device)
+        return loss, {"reward": rewards.mean(), "reward_std": rewards.std(unbiased=False),
+                      "accuracy": (rewards >= 1).float().mean(), **stats,
+                      "completion_length": mask.sum(1).float().mean()}
+
+    def token_logps(self, model, ids):
+        from .rl import token_logps
+
+        return token_logps(model, ids, temperature=self.args.temperature)
+
+    @torch.no_grad()
+    def sample(self, model, prompts, per_prompt: int, temperature: float) -> list[list[int]]:
+        """per_prompt completions of each prompt (consecutive), each ending at its </s> or at max_new_tokens."""
+        from .generate import SamplingParams, generate_ids
+
+        policy = unwrap(model)
+        was_training = policy.training
+        policy.eval()
+        params = SamplingParams(max_new_tokens=self.args.max_new_tokens, temperature=temperature)
+        eos = self.tokenizer.eos_token_id
+        rows = [p for p in prompts for _ in range(per_prompt)]
+        done, completions = [False] * len(rows), [[] for _ in rows]
+        for tokens in generate_ids(policy, rows, params, eos_token_id=eos):
+            for i, t in enumerate(tokens.tolist()):
+                if not done[i]:
+                    completions[i].append(t)
+                    done[i] = t == eos
+        policy.train(was_training)
+        return completions
+
+    def score(self, rows, completions, per_prompt: int, prompts=None) -> torch.Tensor:
+        """The reward of each completion, given the fields of its prompt's row."""
+        fields = {r: (prompts or self.prompts).row(r)["fields"] for r in set(rows)}
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        return torch.tensor([float(self.reward(t, **fields[rows[i // per_prompt]])) for i, t in enumerate(texts)])
+
+    def rollout(self, model, prompts, rows, reference):
+        from .rl import group_advantages
+
+        G = self.args.num_generations
+        completions = self.sample(model, prompts, G, self.args.temperature)
+        rewards = self.score(rows, completions, G)
+        advantages = group_advantages(rewards, G, scale=self.args.loss != "dr_grpo")
+        # Each sequence: its prompt, then its completion; right-padded, so positions and causal attention of the
+        # real tokens are what they were when sampled. The mask marks the completion's tokens.
+        seqs = [p + c for p, c in zip((p for p in prompts for _ in range(G)), completions)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, (s, c) in enumerate(zip(seqs, completions)):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, len(s) - len(c):len(s)] = 1
+        self.tokens = int(sum(len(s) for s in seqs))
+        ref = None
+        if self.args.beta:
+            device = next(unwrap(model).parameters()).device
+            with torch.no_grad():
+                if reference is None:  # LoRA: the base model with the adapter switched off
+                    with unwrap(model).disable_adapter():
+                        ref = self.token_logps(unwrap(model), ids.to(device)).cpu()
+                else:
+                    ref = self.token_logps(reference, ids.to(device)).cpu()
+        return {"ids": ids, "mask": mask, "rewards": rewards, "advantages": advantages, "ref": ref}
+
+    def validate(self, model, prompts, rows):
+        completions = self.sample(model, prompts, 1, 0.0)
+        rewards = self.score(rows, completions, 1, self.val_prompts)
+        device = next(unwrap(model).parameters()).device
+        return -rewards.mean().to(device), {"reward": rewards.mean().to(device),
+                                            "accuracy": (rewards >= 1).float().mean().to(device)}
+
+
+def grpo_task(args):
+    """GRPO from an SFT model: --data_path prompts (jsonl: messages or prompt, with the fields the --reward reads);
+    the reference for the KL penalty is a frozen copy (--beta > 0), or with LoRA the model without its adapter."""
+    import copy
+
+    from .dataset import PromptDataset, prompt_collate
+    from .loading import load_model
+
+    if args.num_generations < 2:
+        raise InputError("--num_generations must be at least 2: advantages compare completions of one prompt")
+    seed_everything(args.seed)
+    model = load_model(args.ckpt).train()
+    config = model.config
+    reference = None
+    if args.lora_rank > 0:
+        model = add_lora(model, args.ckpt, args.lora_rank, args.lora_alpha, 0.0, LORA_TARGETS)
+    elif args.beta:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    tokenizer = load_tokenizer_for(args)
+    train = PromptDataset(args.data_path, tokenizer, args.max_prompt_length)
+    val = PromptDataset(args.val_path, tokenizer, args.max_prompt_length) if args.val_path else None
+    loss = GRPOLoss(train, val, tokenizer, args.reward, args, per_step_batches=max(1, args.accumulation_steps))
+    name = output_name("grpo", config)
+    meta = tokenizer_metadata(args.tokenizer)
+    save = adapter_saver(name, True, meta) if args.lora_rank > 0 else safetensors_saver(name, meta)
+    return model, Task(name, train, loss, save, val_data=val, collate=partial(prompt_collate,
+                                                                             pad_id=tokenizer.pad_token_id or 0),
+                       count_tokens=loss.count_tokens, frozen={"reference": reference} if reference is not None else {},
+                       repeat=args.iterations, state=loss.state, load_state=loss.load_state)
+
+
+# -------------------------------------------------------------------------------------------- distillation
+def distill_loss(alpha: float, temperature: float):
+    def loss(model, batch, teacher=None):
+        from .rl import distillation_loss
+
+        student = model(input_ids=batch["input_ids"]).logits
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch["input_ids"]).logits
+        return distillation_loss(student, teacher_logits, batch["labels"], alpha, temperature)
+    return loss
+
+
+def distill_task(args):
+    """White-box distillation on SFT data: the student (--init_from, else a new model of the --preset / dims given)
+    learns from the answer tokens and from the frozen --teacher's distribution over them."""
+    from .loading import load_model
+    from .model import MiniMindForCausalLM
+
+    seed_everything(args.seed)
+    teacher = load_model(args.teacher).eval().requires_grad_(False)
+    if args.init_from:
+        student = load_model(args.init_from).train()
+    else:
+        student = MiniMindForCausalLM(model_config_from_args(args, max_seq_len=args.max_seq_len)).train()
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise InputError(f"the teacher's vocabulary ({teacher.config.vocab_size}) is not the student's "
+                         f"({student.config.vocab_size}): distillation compares their next-token distributions")
+    if args.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+    tokenizer = load_tokenizer_for(args)
+    data = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
+    train, val = hold_out(data) if not args.val_path else (data, SFTDataset(args.val_path, tokenizer, args.max_seq_len))
+    name = output_name("distill", student.config)
+    collate = partial(pad_collate, pad_id=tokenizer.pad_token_id or 0)
+    save = safetensors_saver(name, tokenizer_metadata(args.tokenizer))
+    return student, Task(name, train, distill_loss(args.alpha, args.temperature), save, val_data=val,
+                         collate=collate, frozen={"teacher": teacher})

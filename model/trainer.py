@@ -122,6 +122,11 @@ class Task:
     collate: Callable | None = None
     count_tokens: Callable = lambda batch: int(batch["input_ids"].numel())
     frozen: dict[str, torch.nn.Module] = field(default_factory=dict)
+    # GRPO's --iterations: every optimizer step's batches are seen `repeat` times in a row (several updates from
+    # one set of rollouts); what the loss keeps between them is its `state`, saved with every checkpoint.
+    repeat: int = 1
+    state: Callable | None = None  # () -> a picklable dict of tensors and plain values
+    load_state: Callable | None = None  # (that dict) -> None
 
 
 class NonFiniteLoss(ReportedError, RuntimeError):
@@ -294,12 +299,17 @@ class ResumableSampler(DistributedSampler):
     """DistributedSampler (seeded shuffle per epoch, a disjoint slice per rank) that can skip what a run
     already consumed, so a resumed epoch continues with exactly the next batch."""
 
-    def __init__(self, dataset, num_replicas, rank, seed, shuffle=True):
+    def __init__(self, dataset, num_replicas, rank, seed, shuffle=True, repeat: int = 1, group: int = 1):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
-        self.start, self.end = 0, self.num_samples
+        self.repeat, self.group = repeat, group  # each run of `group` indices comes `repeat` times in a row
+        self.start, self.end = 0, self.num_samples // group * group * repeat
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:self.end])
+        order = list(super().__iter__())
+        if self.repeat > 1:
+            groups = [order[i:i + self.group] for i in range(0, len(order) - self.group + 1, self.group)]
+            order = [i for g in groups for _ in range(self.repeat) for i in g]
+        return iter(order[self.start:self.end])
 
     def __len__(self):
         return self.end - self.start
@@ -382,7 +392,8 @@ class Trainer:
                      eps=1e-8, fused=fused)
 
     def make_sampler(self, epoch):
-        sampler = ResumableSampler(self.task.train_data, self.world, self.rank, self.args.seed)
+        sampler = ResumableSampler(self.task.train_data, self.world, self.rank, self.args.seed,
+                                   repeat=self.task.repeat, group=self.args.batch_size * self.accum)
         sampler.set_epoch(epoch)
         return sampler
 
@@ -415,6 +426,7 @@ class Trainer:
         """A collective: every rank writes its part into one temporary folder, then rank 0 the weights, the
         training state and the manifest, and renames the folder into place."""
         rng = self.strategy.gather(self.rng_state())
+        task_state = self.strategy.gather(self.task.state()) if self.task.state else None
         tmp = self.checkpoints.staging(self.step)
         if self.master:
             self.checkpoints.begin(tmp)
@@ -425,6 +437,8 @@ class Trainer:
                            "scheduler": self.scheduler.state_dict(), "scaler": self.strategy.scaler.state_dict(),
                            "rng": rng, "wandb_id": self.wandb_id or "", "world": self.world,
                            "total_steps": self.total_steps}
+            if task_state is not None:
+                train_state["task"] = task_state
             self.checkpoints.write(tmp, model_state, train_state, getattr(self.raw_model, "config", None))
         self.strategy.barrier()  # every rank's files are in
         if self.master:
@@ -447,6 +461,8 @@ class Trainer:
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
         self.wandb_id = state.get("wandb_id") or None
         self.set_rng_state(state["rng"])
+        if self.task.load_state and "task" in state:
+            self.task.load_state(state["task"][self.rank] if len(state["task"]) > self.rank else state["task"][0])
         if self.master and self.metrics_file.exists():  # forget metrics logged after this checkpoint
             rows = [r for r in self.metrics_file.read_text().splitlines() if json.loads(r)["step"] <= self.step]
             with atomic_writer(self.metrics_file, "w") as f:

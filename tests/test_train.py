@@ -183,6 +183,11 @@ def test_sft_starts_from_pretrain_weights_and_trains_on_answers_only(demo_data, 
     assert 0 < keep.sum() < labels.numel() / 2
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[keep], labels[keep]))
 
+    # --dropout reaches the modules of the loaded model (they were built with the checkpoint's rate, 0)
+    model, _ = sft_task(sft.build_parser().parse_args(sft_flags + ["--dropout", "0.25"]))
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.25} and {m.attention.dropout for m in model.model.layers} == {0.25}
+
     # Strict loading: a pretrain checkpoint of other dims is refused with the keys and shapes named.
     with pytest.raises(CheckpointMismatch, match="shape of model.layers.0.attention.wq.weight"):
         from model.checkpoint import strict_load
