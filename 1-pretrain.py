@@ -13,7 +13,7 @@ quiet_third_party()  # before torch and transformers load: their import-time not
 
 from model.errors import run_script
 from model.stages import pretrain_task
-from model.trainer import Trainer, add_model_args, add_train_args, keep_freed_memory_if_asked
+from model.trainer import add_model_args, add_train_args, train_stage
 
 
 def build_parser():
@@ -24,10 +24,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    keep_freed_memory_if_asked(args)
-    model, task = pretrain_task(args)
-    return Trainer(args, model, task).fit()
+    return train_stage(build_parser(), pretrain_task, argv)
 
 
 if __name__ == "__main__":

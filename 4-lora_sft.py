@@ -11,16 +11,15 @@ from model import quiet_third_party
 quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
 
 from model.errors import run_script
-from model.stages import LORA_TARGETS, lora_task
-from model.trainer import Trainer, add_train_args, keep_freed_memory_if_asked
+from model.stages import LORA_TARGETS, add_lora_args, lora_task
+from model.trainer import add_train_args, train_stage
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, data_path="dataset/sft_data.jsonl", learning_rate=1e-3, batch_size=16)
     parser.add_argument("--ckpt", default="out/full_sft_512.safetensors", help="base model (anything load_model takes)")
-    parser.add_argument("--lora_rank", type=int, default=8)
-    parser.add_argument("--lora_alpha", type=float, default=16)
+    add_lora_args(parser, rank=8)
     parser.add_argument("--lora_dropout", type=float, default=0.05)
     parser.add_argument("--target_modules", default=LORA_TARGETS, help="comma-separated module names")
     parser.add_argument("--merge", action="store_true", help="also write the adapter merged into a full model")
@@ -28,10 +27,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    keep_freed_memory_if_asked(args)
-    model, task = lora_task(args)
-    return Trainer(args, model, task).fit()
+    return train_stage(build_parser(), lora_task, argv)
 
 
 if __name__ == "__main__":

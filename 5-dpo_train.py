@@ -12,8 +12,8 @@ from model import quiet_third_party
 quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
 
 from model.errors import run_script
-from model.stages import dpo_task
-from model.trainer import Trainer, add_train_args, keep_freed_memory_if_asked
+from model.stages import add_lora_args, dpo_task
+from model.trainer import add_train_args, train_stage
 
 
 def build_parser():
@@ -23,16 +23,12 @@ def build_parser():
     parser.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
     parser.add_argument("--label_smoothing", type=float, default=0.0, help="assumed share of flipped preferences")
     parser.add_argument("--max_prompt_length", type=int, default=256)
-    parser.add_argument("--lora_rank", type=int, default=0, help="train a LoRA adapter instead of all weights")
-    parser.add_argument("--lora_alpha", type=float, default=16)
+    add_lora_args(parser)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    keep_freed_memory_if_asked(args)
-    model, task = dpo_task(args)
-    return Trainer(args, model, task).fit()
+    return train_stage(build_parser(), dpo_task, argv)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ quiet_third_party()  # before torch and transformers load: their import-time not
 
 from model.errors import run_script
 from model.rl import LOSSES
-from model.stages import grpo_task
-from model.trainer import Trainer, add_train_args, keep_freed_memory_if_asked
+from model.stages import add_lora_args, grpo_task
+from model.trainer import add_train_args, train_stage
 
 
 def build_parser():
@@ -34,16 +34,12 @@ def build_parser():
     parser.add_argument("--epsilon_high", type=float, default=None, help="default: --epsilon (CISPO: its only bound)")
     parser.add_argument("--beta", type=float, default=0.0, help="weight of the KL penalty to the reference")
     parser.add_argument("--iterations", type=int, default=1, help="optimizer steps per batch of rollouts")
-    parser.add_argument("--lora_rank", type=int, default=0, help="train a LoRA adapter instead of all weights")
-    parser.add_argument("--lora_alpha", type=float, default=16)
+    add_lora_args(parser)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    keep_freed_memory_if_asked(args)
-    model, task = grpo_task(args)
-    return Trainer(args, model, task).fit()
+    return train_stage(build_parser(), grpo_task, argv)
 
 
 if __name__ == "__main__":

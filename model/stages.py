@@ -117,6 +117,13 @@ def pretrain_task(args):
     return model, Task(name, train, lm_loss, safetensors_saver(name, meta), val_data=val)
 
 
+def chat_data(args, tokenizer):
+    """(train, validation, collate) of SFT data: --val_path, else every 50th row held out."""
+    data = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
+    train, val = hold_out(data) if not args.val_path else (data, SFTDataset(args.val_path, tokenizer, args.max_seq_len))
+    return train, val, partial(pad_collate, pad_id=tokenizer.pad_token_id or 0)
+
+
 def sft_task(args):
     seed_everything(args.seed)
     hint = model_config_from_args(args, max_seq_len=args.max_seq_len)
@@ -126,16 +133,20 @@ def sft_task(args):
         # The tied embedding/output matrix holds what pretraining learned about every word; freezing it
         # keeps small-data SFT from overwriting facts it never shows (see the demo corpus notes).
         model.get_input_embeddings().weight.requires_grad_(False)
-    tokenizer = load_tokenizer_for(args)
-    data = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
-    train, val = hold_out(data) if not args.val_path else (data, SFTDataset(args.val_path, tokenizer, args.max_seq_len))
+    train, val, collate = chat_data(args, load_tokenizer_for(args))
     name = output_name("full_sft", model.config)
-    collate = partial(pad_collate, pad_id=tokenizer.pad_token_id or 0)
     save = safetensors_saver(name, tokenizer_metadata(args.tokenizer))
     return model, Task(name, train, lm_loss, save, val_data=val, collate=collate)
 
 
 LORA_TARGETS = "wq,wk,wv,wo,w1,w2,w3"  # attention and FFN projections
+
+
+def add_lora_args(parser, rank: int = 0):
+    """--lora_rank and --lora_alpha, as the stages that can train an adapter instead of every weight take them."""
+    parser.add_argument("--lora_rank", type=int, default=rank,
+                        help="train a LoRA adapter of this rank instead of all weights" + (" (0: all weights)" if not rank else ""))
+    parser.add_argument("--lora_alpha", type=float, default=16)
 
 
 def add_lora(model, base_path: str, rank: int, alpha: float, dropout: float, targets: str):
@@ -167,11 +178,8 @@ def lora_task(args):
     seed_everything(args.seed)
     base = load_model(args.ckpt).train()
     model = add_lora(base, args.ckpt, args.lora_rank, args.lora_alpha, args.lora_dropout, args.target_modules)
-    tokenizer = load_tokenizer_for(args)
-    data = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
-    train, val = hold_out(data) if not args.val_path else (data, SFTDataset(args.val_path, tokenizer, args.max_seq_len))
+    train, val, collate = chat_data(args, load_tokenizer_for(args))
     name = output_name("lora_sft", base.config)
-    collate = partial(pad_collate, pad_id=tokenizer.pad_token_id or 0)
     save = adapter_saver(name, args.merge, tokenizer_metadata(args.tokenizer))
     return model, Task(name, train, lm_loss, save, val_data=val, collate=collate)
 
@@ -448,11 +456,8 @@ def distill_task(args):
                          f"({student.config.vocab_size}): distillation compares their next-token distributions")
     if args.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
-    tokenizer = load_tokenizer_for(args)
-    data = SFTDataset(args.data_path, tokenizer, args.max_seq_len)
-    train, val = hold_out(data) if not args.val_path else (data, SFTDataset(args.val_path, tokenizer, args.max_seq_len))
+    train, val, collate = chat_data(args, load_tokenizer_for(args))
     name = output_name("distill", student.config)
-    collate = partial(pad_collate, pad_id=tokenizer.pad_token_id or 0)
     save = safetensors_saver(name, tokenizer_metadata(args.tokenizer))
     return student, Task(name, train, distill_loss(args.alpha, args.temperature), save, val_data=val,
                          collate=collate, frozen={"teacher": teacher})

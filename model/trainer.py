@@ -195,6 +195,15 @@ def keep_freed_memory_if_asked(args):
             print("CPU run: glibc keeps freed memory for reuse (faster steps; --no-keep_freed_memory turns it off)")
 
 
+def train_stage(parser: argparse.ArgumentParser, make_task: Callable, argv=None) -> dict:
+    """What every training script's main does: parse its flags, opt in to the CPU allocator setting, build the
+    stage's model and task, and train."""
+    args = parser.parse_args(argv)
+    keep_freed_memory_if_asked(args)
+    model, task = make_task(args)
+    return Trainer(args, model, task).fit()
+
+
 def resolve_precision(device_type: str, flag: str, bf16_supported: bool | None = None):
     """The autocast dtype, or None for fp32. fp16 also gets a GradScaler (see distributed.SingleDevice)."""
     if flag == "auto":
