@@ -178,6 +178,25 @@ class Check:
             raise Failed(f"did not resume from a checkpoint between steps 40 and 400: {last_line(out)}")
         self.trained("resume", "pretrain_64", "pretrain_64.safetensors")
 
+    def grpo(self):
+        prompts = self.work / "grpo_prompts.jsonl"
+        with open(self.work / "data" / "held_out.jsonl") as f, atomic_writer(prompts, "w") as out:
+            for line in f:
+                row = json.loads(line)
+                out.write(json.dumps({"prompt": row["question"], "answer": row["answer"]}, ensure_ascii=False) + "\n")
+        self.run("grpo", [PY, *self.train("6-grpo_train.py", "run", "--ckpt", self.sft, "--data_path", prompts,
+                                          "--reward", "exact_match", "--num_generations", "4", "--batch_size", "4",
+                                          "--max_new_tokens", "16", "--max_steps", "4", "--iterations", "2",
+                                          "--beta", "0.04")], 240)
+        self.trained("run", "grpo_64", "grpo_64.safetensors")
+
+    def distill(self):
+        self.run("distill", [PY, *self.train("7-distill.py", "run", "--teacher", self.sft, "--init_from",
+                                             self.work / "run" / "pretrain_64.safetensors", "--data_path",
+                                             self.work / "data" / "sft_data.jsonl", "--max_seq_len", "64",
+                                             "--batch_size", "8", "--max_steps", "6")], 180)
+        self.trained("run", "distill_64", "distill_64.safetensors")
+
     def generate(self, *flags):
         out = self.run("generate", [PY, "2-eval.py", "--ckpt", self.sft, "--device", self.device, "--prompt",
                                     "What is the capital of France?", "--max_new_tokens", "16", "--temperature", "0",
@@ -290,6 +309,8 @@ def rows_of(check: Check):
         ("lora", "LoRA (--merge)", ("sft",), check.lora),
         ("dpo", "full DPO", ("sft",), lambda: check.dpo(lora=False)),
         ("dpo_lora", "DPO with LoRA", ("sft",), lambda: check.dpo(lora=True)),
+        ("grpo", "GRPO, --iterations 2, KL to the reference", ("sft",), check.grpo),
+        ("distill", "distillation from the SFT model", ("sft",), check.distill),
         ("gen_fp32", "generate, fp32", ("sft",), check.generate),
         ("gen_bf16", "generate, bf16, --compile", ("sft",), lambda: check.generate("--dtype", "bfloat16", "--compile")),
         ("server", "server round trip", ("sft",), check.server),
