@@ -21,6 +21,10 @@ def build_parser():
     add_model_args(parser)
     parser.add_argument("--freeze_embeddings", action="store_true",
                         help="keep the (tied) embedding matrix fixed; helps small SFT sets keep pretraining knowledge")
+    parser.add_argument("--pretrain_mix", default=None, metavar="DIR",
+                        help="tokenized pretraining data to replay among the chat rows (keeps what pretraining taught)")
+    parser.add_argument("--pretrain_mix_ratio", type=float, default=0.3, help="share of the rows that are replayed text")
+    parser.add_argument("--pretrain_mix_length", type=int, default=64, help="tokens per replayed window")
     return parser
 
 

@@ -203,3 +203,24 @@ def prompt_collate(batch, pad_id: int = 0):
     padded = pad_collate([{"input_ids": b["input_ids"]} for b in batch], pad_id)
     return {**padded, "prompt_length": torch.tensor([len(b["input_ids"]) for b in batch]),
             "row": torch.stack([b["row"] for b in batch])}
+
+
+class Mixture(Dataset):
+    """Chat rows with pretraining windows among them: `len(chat)` chat rows, then enough windows (spread evenly over
+    the pretraining data) that they are `ratio` of the whole. Replaying pretraining text during fine-tuning keeps
+    what pretraining taught (InstructGPT's pretraining mix); the sampler shuffles the two together."""
+
+    def __init__(self, chat: Dataset, windows: Dataset, ratio: float):
+        if not 0 <= ratio < 1:
+            raise InputError(f"--pretrain_mix_ratio must be in [0, 1), got {ratio}")
+        self.chat, self.windows = chat, windows
+        self.extra = round(len(chat) * ratio / (1 - ratio))
+        self.step = max(1, len(windows) // max(self.extra, 1))
+
+    def __len__(self):
+        return len(self.chat) + self.extra
+
+    def __getitem__(self, i):
+        if i < len(self.chat):
+            return self.chat[i]
+        return self.windows[((i - len(self.chat)) * self.step) % len(self.windows)]

@@ -134,6 +134,13 @@ def sft_task(args):
         # keeps small-data SFT from overwriting facts it never shows (see the demo corpus notes).
         model.get_input_embeddings().weight.requires_grad_(False)
     train, val, collate = chat_data(args, load_tokenizer_for(args))
+    if args.pretrain_mix:
+        from .dataset import Mixture
+
+        windows = PretrainDataset(args.pretrain_mix, args.pretrain_mix_length, "train")
+        train = Mixture(train, windows, args.pretrain_mix_ratio)
+        print(f"pretraining mix: {train.extra} windows of {args.pretrain_mix_length} tokens among {len(train.chat)} "
+              f"chat rows")
     name = output_name("full_sft", model.config)
     save = safetensors_saver(name, tokenizer_metadata(args.tokenizer))
     return model, Task(name, train, lm_loss, save, val_data=val, collate=collate)
