@@ -10,10 +10,10 @@ import argparse
 import json
 import sys
 
-from model.chat import add_inference_args, load_for_inference, sampling_from_args, stream_to, tool_turn
+from model.chat import add_inference_args, load_for_inference, sampling_from_args, tool_turn
 from model.errors import run_script
-from model.evaluation import chat_prompt
 from model.io import read_questions
+from model.tools import DEMO_TOOLS
 
 # The seed README's sample questions, and a few from the demo world.
 QUESTIONS = ["你知道长江吗？", "Which country launched the first artificial satellite?", "你知道泰山在哪里吗？",
@@ -38,22 +38,11 @@ def main(argv=None):
     history = []
 
     def answer(question):
-        if args.tools:
-            return answer_with_tools(question)
-        ids = chat_prompt(tokenizer, question, history[-args.history:] if args.history else (), args.system)
-        sys.stdout.write("🤖: ")
-        reply = stream_to(sys.stdout, engine, tokenizer, ids, params)
-        sys.stdout.write("\n\n")
-        history.append((question, reply))
-
-    def answer_with_tools(question):
-        from model.tools import DEMO_TOOLS
-
         earlier = [m for turn in history[-args.history:] for m in turn] if args.history else []
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + earlier
         messages.append({"role": "user", "content": question})
         start, line = len(messages) - 1, None  # line: what the terminal line being written shows
-        for kind, piece in tool_turn(engine, tokenizer, messages, params, DEMO_TOOLS):
+        for kind, piece in tool_turn(engine, tokenizer, messages, params, DEMO_TOOLS if args.tools else None):
             if kind != line or kind == "call":  # the thinking, the answer and each call get lines of their own
                 sys.stdout.write(("\n" if line else "") + PREFIXES[kind])
                 line = kind
@@ -63,7 +52,7 @@ def main(argv=None):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write(("" if line else PREFIXES["content"]) + "\n\n")
-        history.append(messages[start:])
+        history.append(messages[start:])  # this question's turns: the question, calls, results, answers
 
     if not args.interactive:
         for q in args.prompt or (TOOL_QUESTIONS if args.tools else QUESTIONS):

@@ -6,7 +6,6 @@ reads) and the server's first model. The model's thinking (`reasoning_content`) 
 with --tools demo it is offered the demo's calculator and lookup, which run here (model/tools.py), and their results
 are sent back for the answer.
 """
-import json
 import argparse
 import os
 import sys
@@ -97,11 +96,14 @@ def show_stream(stream) -> tuple[str, list[dict]]:
         thinking = (delta.model_extra or {}).get("reasoning_content")  # no OpenAI field: servers like ours add it
         for kind, piece in (("reasoning", thinking), ("content", delta.content)):
             if piece:
-                print(("\n" if line else "") + PREFIXES[kind] if kind != line else "", piece, sep="", end="", flush=True)
+                if kind != line:  # the thinking and the answer each on lines of their own
+                    print(("\n" if line else "") + PREFIXES[kind], end="")
+                print(piece, end="", flush=True)
                 line = kind
                 reply += piece if kind == "content" else ""
         for part in delta.tool_calls or []:  # the pieces of call i come with index i
-            call = calls.setdefault(part.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            call = calls.setdefault(part.index, {"id": "", "type": "function",
+                                                 "function": {"name": "", "arguments": ""}})
             call["id"] = part.id or call["id"]
             if part.function:
                 call["function"]["name"] += part.function.name or ""

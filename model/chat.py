@@ -116,7 +116,9 @@ def tool_turn(model, tokenizer, messages: list[dict], params, tools=None, run=No
     run = run or run_tool_call
     names = [t["name"] for t in normalize_tools(tools)] if tools else None
     for _ in range(max_rounds):
-        prompt = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True,
+        # Earlier thinking is not sent back, as OpenAI clients do not send it (it is no field of theirs).
+        sent = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
+        prompt = tokenizer.apply_chat_template(sent, tools=tools, tokenize=True,
                                                add_generation_prompt=True)["input_ids"]
         parser, written, calls = OutputParser(names), {"reasoning": "", "content": ""}, []
         for kind, text in parsed_stream(model, tokenizer, prompt, params, parser, calls):

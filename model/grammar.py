@@ -11,6 +11,7 @@ JSON is compact (no whitespace, "," and ":" alone), as the chat template writes 
 """
 import json
 
+import numpy as np
 import torch
 
 from .tokenizer import CALL_CLOSE, CALL_OPEN
@@ -19,6 +20,7 @@ from .tokenizer import CALL_CLOSE, CALL_OPEN
 # item, or write the shortest value (0, then an empty string). Where none of these is allowed (a key or literal the
 # schema fixes, a digit a range needs), the first allowed token: the grammar itself then leaves one way forward.
 IN_STRING, OUTSIDE = '"', '}],0"'
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # a tool without: arguments {}
 
 
 def _first_allowed(bitmask_row: torch.Tensor, vocab_size: int) -> int | None:
@@ -49,6 +51,12 @@ class Grammars:
                 singles.setdefault(piece.decode("latin-1"), token)
         self.preference = {inside: [singles[c] for c in (IN_STRING if inside else OUTSIDE) if c in singles]
                            for inside in (True, False)}
+        # Tokens with a control byte are never valid in compact JSON or in the call tags, yet xgrammar 0.2 lets a
+        # string with maxLength take them (json.loads then refuses the output): their bits are cleared in every mask.
+        allowed = np.ones(-(-vocab_size // 32) * 32, dtype=bool)
+        for token, piece in enumerate(self.token_bytes):
+            allowed[token] = not any(byte < 0x20 for byte in piece) or token in self.info.special_token_ids
+        self.keep = torch.from_numpy(np.packbits(allowed, bitorder="little").view(np.int32).copy())  # bit t: token t
 
     def json(self, schema: dict | None = None):
         """Any JSON object (response_format json_object), or one that matches `schema` (json_schema)."""
@@ -64,7 +72,7 @@ class Grammars:
 
         tags = []
         for tool in tools:
-            schema = json.dumps(tool.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False})
+            schema = json.dumps(tool.get("parameters") or NO_PARAMETERS)
             arguments = str(self.xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":")))
             tags.append(TagFormat(begin=f'{CALL_OPEN}{{"name":{json.dumps(tool["name"])},"arguments":',
                                   content=GrammarFormat(grammar=arguments), end=f"}}{CALL_CLOSE}"))
@@ -99,6 +107,7 @@ class Matcher:
 
     def fill(self, bitmask: torch.Tensor, row: int):
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        bitmask[row] &= self.grammars.keep
 
     def _advance(self, token: int) -> bool:
         if not self.matcher.accept_token(token):
@@ -121,7 +130,7 @@ class Matcher:
         forced = self.matcher.find_jump_forward_string()  # text the grammar fixes from here: take it in long tokens
         if forced and self._advance(token := g.encode(forced)[0]):
             return token
-        self.matcher.fill_next_token_bitmask(self.mask, 0)
+        self.fill(self.mask, 0)
         bits = self.mask[0]
         for token in g.preference[self.in_string and not self.escaped]:
             if (int(bits[token // 32]) >> (token % 32)) & 1:

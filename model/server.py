@@ -85,10 +85,10 @@ def message_text(content, where: str, optional: bool = False) -> str:
     return check_text(content, where)
 
 
-def tool_fields(check):
-    """Run a model/tool_calls.py check; its ToolError is a 400 that names the field."""
+def tool_fields(check, *args):
+    """A model/tool_calls.py check; its ToolError is a 400 that names the field."""
     try:
-        return check()
+        return check(*args)
     except ToolError as e:
         raise APIError(400, str(e), e.param) from e
 
@@ -109,7 +109,7 @@ def normalize_messages(messages) -> list[dict]:
                                 f"tool", f"{where}.role")
         turn = {"role": role, "content": message_text(m.get("content"), f"{where}.content", role == "assistant")}
         if role == "assistant" and m.get("tool_calls"):
-            turn["tool_calls"] = tool_fields(lambda: normalize_calls(m["tool_calls"], None, f"{where}.tool_calls"))
+            turn["tool_calls"] = tool_fields(normalize_calls, m["tool_calls"], None, f"{where}.tool_calls")
             check_text(json.dumps(turn["tool_calls"], ensure_ascii=False), f"{where}.tool_calls")
         if role == "assistant" and m.get("reasoning_content"):
             turn["reasoning_content"] = message_text(m["reasoning_content"], f"{where}.reasoning_content")
@@ -206,7 +206,7 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
             compiled_for["grammars"] = Grammars(tokenizer, model.config.vocab_size)
         return compiled_for["grammars"]
 
-    def constraint(tools, mode, name, parallel, response_format, max_tokens):
+    def constraint(tools, mode, name, parallel, response_format, max_tokens, room):
         """The grammar a request's output must follow (None: free text), checked to fit in max_tokens."""
         constrained, schema = json_format(response_format)
         forced = mode in ("required", "named")
@@ -221,10 +221,11 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
         except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's word on a schema it cannot follow
             where = "tools" if forced else "response_format"
             raise APIError(400, f"{where}: not a JSON schema this server can follow ({e})", where) from e
-        need = grammars().closing_length(compiled, max_tokens)
+        need = grammars().closing_length(compiled, room)
         if need > max_tokens:
+            shortest = f"{need} tokens" if need <= room else f"more than the {room} tokens the context has left"
             raise APIError(400, f"max_tokens {max_tokens} is too few for the required output: its shortest form "
-                                f"takes more ({need} tokens or more)", "max_tokens")
+                                f"takes {shortest}", "max_tokens")
         return lambda: grammars().matcher(compiled)
 
     @app.exception_handler(APIError)
@@ -271,7 +272,7 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
         messages = normalize_messages(body.messages)
         if body.n > max_batch:
             raise APIError(400, f"n must be at most {max_batch} (the server's --max_batch)", "n")
-        tools = tool_fields(lambda: normalize_tools(body.tools)) if body.tools else []
+        tools = tool_fields(normalize_tools, body.tools) if body.tools else []
         check_text(json.dumps(tools, ensure_ascii=False), "tools")
         mode, name = tool_mode(body.tool_choice, [t["name"] for t in tools])
         shown = tools if mode != "none" else None  # "none": the model is not shown tools it may not call
@@ -294,7 +295,7 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
             raise APIError(400, "at most 4 stop sequences", "stop")
         for i, s in enumerate(stop):
             check_text(s, f"stop[{i}]")
-        grammar = constraint(tools, mode, name, body.parallel_tool_calls, body.response_format, max_tokens)
+        grammar = constraint(tools, mode, name, body.parallel_tool_calls, body.response_format, max_tokens, room)
         given = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
         params = replace(defaults, max_new_tokens=max_tokens, stop=tuple(stop),
                          **{name: value for name, value in given.items() if value is not None})

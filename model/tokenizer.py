@@ -41,7 +41,8 @@ CHAT_TEMPLATE = (
     "{{ '<tool_call>{\"name\":' }}{{ call['name'] | tojson }}{{ ',\"arguments\":' }}"
     "{% if call['arguments'] is string %}{{ call['arguments'] }}{% else %}{{ call['arguments'] | " + _JSON + " }}"
     "{% endif %}{{ '}</tool_call>' }}{% endfor %}{{ '</s>\\n' }}"
-    "{% elif message['role'] == 'tool' %}{{ '<s>tool\\n<tool_response>' + message['content'] + '</tool_response></s>\\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<s>tool\\n<tool_response>' + message['content'] + '</tool_response></s>\\n' }}"
     "{% elif message['role'] == 'system' and not loop.first %}{{ '<s>system\\n' + message['content'] + '</s>\\n' }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}"
@@ -168,7 +169,8 @@ def render_chat(messages: list[dict], tools: list | None = None) -> list[tuple[s
             for call in m.get("tool_calls") or []:
                 call = call["function"] if "function" in call else call
                 args = call["arguments"] if isinstance(call["arguments"], str) else _json(call["arguments"])
-                text += f'{CALL_OPEN}{{"name":{json.dumps(call["name"], ensure_ascii=False)},"arguments":{args}}}{CALL_CLOSE}'
+                name = json.dumps(call["name"], ensure_ascii=False)
+                text += f'{CALL_OPEN}{{"name":{name},"arguments":{args}}}{CALL_CLOSE}'
             pieces += [(ASSISTANT_PREFIX, False), (text + TURN_END, True), ("\n", False)]
         elif role == "tool":
             pieces.append((f"<s>tool\n<tool_response>{m['content']}</tool_response>{TURN_END}\n", False))
