@@ -107,7 +107,7 @@ def tool_model(demo_data, tmp_path_factory):
     from model.tokenizer import encode_chat, load_tokenizer, render_chat
 
     tok = load_tokenizer(demo_data / "tokenizer")
-    model = tiny_model(dim=64, n_layers=2, vocab_size=1000, max_seq_len=512).train()
+    model = tiny_model(dim=64, n_layers=1, vocab_size=1000, max_seq_len=512).train()  # one layer learns them fastest
     groups = {}  # one batch per tool set: their conversations are of about one length, so little padding
     for tools, messages in tool_conversations():
         groups.setdefault(json.dumps(tools), []).append(encode_chat(tok, messages, tools=tools))

@@ -89,10 +89,11 @@ def test_the_chat_page_runs_the_demo_tools_and_folds_the_thinking(tool_model, mo
     assert [m["role"] for m in app.session_state["messages"]] == ["user", "assistant", "tool", "assistant"]
 
 
-def test_eval_script_runs_the_demo_tools(tool_model):
-    done = subprocess.run([sys.executable, "2-eval.py", "--ckpt", str(tool_model), "--device", "cpu", "--tools", "demo",
-                           "--temperature", "0", "--max_new_tokens", "160", "--prompt", "What is 123*45?"], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[:4] == ["👶: What is 123*45?", "💭: I calculate.",
-                                            '🔧: calculator({"expression": "123*45"}) -> 5535', "🤖: 123*45 is 5535."]
+def test_eval_script_runs_the_demo_tools(tool_model, capsys):
+    from conftest import load_script
+
+    load_script("2-eval.py").main(["--ckpt", str(tool_model), "--device", "cpu", "--tools", "demo", "--temperature",
+                                   "0", "--max_new_tokens", "160", "--prompt", "What is 123*45?"])
+    assert capsys.readouterr().out.split("\n")[:4] == ["👶: What is 123*45?", "💭: I calculate.",
+                                                       '🔧: calculator({"expression": "123*45"}) -> 5535',
+                                                       "🤖: 123*45 is 5535."]

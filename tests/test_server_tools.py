@@ -4,6 +4,7 @@ grammars keep in shape."""
 import json
 import subprocess
 import sys
+import time
 
 import jsonschema
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import ADD_TOOL, GARBLED, ROOT, tiny_model
-from test_server import client, serving
+from test_server import client, free_port
 
 ADD_SCHEMA = ADD_TOOL["function"]["parameters"]
 ASK = [{"role": "user", "content": "add 2 and 3"}]
@@ -20,8 +21,26 @@ UNTOOLED = [{"role": "user", "content": "add 4 and 5"}]  # asked without tools, 
 
 @pytest.fixture(scope="module")
 def tool_server(tool_model, demo_data):
-    with serving(tool_model, demo_data / "tokenizer", "--context_length", "512") as url:
-        yield url
+    """The tool model served over HTTP by uvicorn in a thread of this process (no second interpreter to start)."""
+    import threading
+
+    import uvicorn
+
+    from model.loading import load_model
+    from model.server import create_app
+    from model.tokenizer import load_tokenizer
+
+    port = free_port()
+    app = create_app(load_model(tool_model), load_tokenizer(demo_data / "tokenizer"), context_length=512)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,8 @@ BAD_TOOL_ROWS = [
 ]
 
 
-def test_sft_rows_with_tools_are_kept_and_bad_ones_reported_by_line(tmp_path, tok):
+def test_sft_rows_with_tools_are_kept_and_bad_ones_reported_by_line(tmp_path, tok, capsys):
+    from conftest import load_script
     from model.dataset import SFTDataset
 
     src = tmp_path / "tools.jsonl"
@@ -159,6 +160,10 @@ def test_sft_rows_with_tools_are_kept_and_bad_ones_reported_by_line(tmp_path, to
     assert result["kept"] == 2 and result["bad"].total == len(BAD_TOOL_ROWS)
     for line, (_, reason) in enumerate(BAD_TOOL_ROWS, start=2):
         assert [lines for r, lines in result["bad"].lines.items() if r.startswith(reason)] == [[line]], reason
+    load_script("data_process.py").main(["sft", "--input", str(src), "--output", str(tmp_path / "cli.jsonl")])
+    said = capsys.readouterr().out
+    assert said.startswith("2 rows") and "call to undeclared tool 'sub' (lines 3)" in said
+    assert (tmp_path / "cli.jsonl").read_text() == (tmp_path / "out.jsonl").read_text()
     first, second = [json.loads(x)["conversations"] for x in open(tmp_path / "out.jsonl")]
     assert first[0]["tools"] == second[0]["tools"] == [CALC["function"]]
     assert first[2]["tool_calls"] == second[2]["tool_calls"] == [{"name": "calc", "arguments": {"expression": "12*7"}}]
