@@ -2,23 +2,29 @@
 
     python 2-eval.py --ckpt out/full_sft_512.safetensors                 (the built-in questions)
     python 2-eval.py --ckpt out/lora_sft_512 --interactive --history 2   (chat; 'exit' or Ctrl-D to leave)
+    python 2-eval.py --ckpt out/demo/full_sft_256.safetensors --tools demo   (the model may call the demo tools)
+With --tools demo the model sees the demo's calculator and lookup (model/tools.py); each call it makes is run here,
+shown with its result, and answered by the model again.
 """
 import argparse
+import json
 import sys
 
 from model import quiet_third_party
 
 quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
 
-from model.chat import add_inference_args, load_for_inference, sampling_from_args, stream_to
+from model.chat import add_inference_args, load_for_inference, sampling_from_args, tool_turn
 from model.errors import run_script
-from model.evaluation import chat_prompt
 from model.io import read_questions
+from model.tools import DEMO_TOOLS
 
 # The seed README's sample questions, and a few from the demo world.
 QUESTIONS = ["你知道长江吗？", "Which country launched the first artificial satellite?", "你知道泰山在哪里吗？",
              "What is the highest mountain in the world?", "万有引力是谁提出的？", "你知道大熊猫的主要食物是什么吗？",
              "What is the capital of France?", "日本的首都是哪里？", "你是谁？"]
+PREFIXES = {"reasoning": "💭: ", "content": "🤖: ", "call": "🔧: "}
+TOOL_QUESTIONS = ["What is 123*45?", "What is the capital of Peru?", "法国位于哪个大洲？"]
 
 
 def main(argv=None):
@@ -28,20 +34,32 @@ def main(argv=None):
     parser.add_argument("--interactive", action="store_true", help="chat in the terminal")
     parser.add_argument("--history", type=int, default=0, help="earlier turns the model sees (0: single-turn)")
     parser.add_argument("--system", default=None, help="a system message")
+    parser.add_argument("--tools", choices=["demo"], default=None,
+                        help="demo: the model may call the demo's calculator and lookup, run here (model/tools.py)")
     args = parser.parse_args(argv)
     params = sampling_from_args(args)  # checked before the model loads
     engine, tokenizer = load_for_inference(args)
     history = []
 
     def answer(question):
-        ids = chat_prompt(tokenizer, question, history[-args.history:] if args.history else (), args.system)
-        sys.stdout.write("🤖: ")
-        reply = stream_to(sys.stdout, engine, tokenizer, ids, params)
-        sys.stdout.write("\n\n")
-        history.append((question, reply))
+        earlier = [m for turn in history[-args.history:] for m in turn] if args.history else []
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + earlier
+        messages.append({"role": "user", "content": question})
+        start, line = len(messages) - 1, None  # line: what the terminal line being written shows
+        for kind, piece in tool_turn(engine, tokenizer, messages, params, DEMO_TOOLS if args.tools else None):
+            if kind != line or kind == "call":  # the thinking, the answer and each call get lines of their own
+                sys.stdout.write(("\n" if line else "") + PREFIXES[kind])
+                line = kind
+            if kind == "call":
+                call, result = piece
+                piece = f"{call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}) -> {result}"
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write(("" if line else PREFIXES["content"]) + "\n\n")
+        history.append(messages[start:])  # this question's turns: the question, calls, results, answers
 
     if not args.interactive:
-        for q in args.prompt or QUESTIONS:
+        for q in args.prompt or (TOOL_QUESTIONS if args.tools else QUESTIONS):
             print(f"👶: {q}")
             answer(q)
         return

@@ -2,7 +2,9 @@
 
     python chat_openai_api.py [--base_url http://127.0.0.1:8998/v1] [--api_key KEY] [--model NAME] [--prompt TEXT]
 Base URL, key and model default to $OPENAI_BASE_URL, $OPENAI_API_KEY (else $MINIMIND_API_KEY, the one our server
-reads) and the server's first model.
+reads) and the server's first model. The model's thinking (`reasoning_content`) and the tool calls it makes are shown;
+with --tools demo it is offered the demo's calculator and lookup, which run here (model/tools.py), and their results
+are sent back for the answer.
 """
 import argparse
 import os
@@ -16,6 +18,7 @@ quiet_third_party()  # before torch and transformers load: their import-time not
 
 from model.errors import run_script
 from model.io import read_questions
+from model.tools import DEMO_TOOLS, run_tool_call
 
 
 def main(argv=None):
@@ -32,6 +35,7 @@ def main(argv=None):
         parser.add_argument(dashed, dest=dashed[2:].replace("-", "_"), default=argparse.SUPPRESS,
                             type=int if dashed == "--max-tokens" else str, help=argparse.SUPPRESS)
     parser.add_argument("--prompt", action="append", help="ask this and exit (repeatable) instead of chatting")
+    parser.add_argument("--tools", choices=["demo"], default=None, help="offer the demo tools, run here")
     args = parser.parse_args(argv)
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)
     try:
@@ -42,21 +46,27 @@ def main(argv=None):
         sys.exit(f"cannot reach {args.base_url}: {e}")
     history = []
 
+    extra = {"max_tokens": args.max_tokens} if args.max_tokens is not None else {}
+    if args.tools:
+        extra["tools"] = DEMO_TOOLS
+
     def ask(question):
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         for q, a in history[-args.history:] if args.history else []:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": question})
-        extra = {"max_tokens": args.max_tokens} if args.max_tokens is not None else {}
-        stream = client.chat.completions.create(model=model, messages=messages, stream=True,
-                                                temperature=args.temperature, **extra)
-        reply = ""
-        print("🤖: ", end="", flush=True)
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                reply += chunk.choices[0].delta.content
-                print(chunk.choices[0].delta.content, end="", flush=True)
-        print("\n")
+        for _ in range(4):  # a call's result goes back to the model, which may call again
+            stream = client.chat.completions.create(model=model, messages=messages, stream=True,
+                                                    temperature=args.temperature, **extra)
+            reply, calls = show_stream(stream)
+            messages.append({"role": "assistant", "content": reply or None, **({"tool_calls": calls} if calls else {})})
+            if not (calls and args.tools):
+                break
+            for call in calls:
+                result = run_tool_call(call)
+                print(f"   -> {result}", flush=True)
+                messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+        print()
         history.append((question, reply))
         return reply
 
@@ -74,6 +84,38 @@ def main(argv=None):
             ask(question)
         except OpenAIError as e:  # say what went wrong and keep the conversation going
             print(f"\nerror: {failure(e)}\n", flush=True)
+
+
+PREFIXES = {"reasoning": "💭: ", "content": "🤖: "}
+
+
+def show_stream(stream) -> tuple[str, list[dict]]:
+    """Print a streamed answer, its thinking and text as they arrive and then its tool calls; return the text and
+    the calls (OpenAI's form, as the next request sends them back)."""
+    reply, calls, line = "", {}, None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        thinking = (delta.model_extra or {}).get("reasoning_content")  # no OpenAI field: servers like ours add it
+        for kind, piece in (("reasoning", thinking), ("content", delta.content)):
+            if piece:
+                if kind != line:  # the thinking and the answer each on lines of their own
+                    print(("\n" if line else "") + PREFIXES[kind], end="")
+                print(piece, end="", flush=True)
+                line = kind
+                reply += piece if kind == "content" else ""
+        for part in delta.tool_calls or []:  # the pieces of call i come with index i
+            call = calls.setdefault(part.index, {"id": "", "type": "function",
+                                                 "function": {"name": "", "arguments": ""}})
+            call["id"] = part.id or call["id"]
+            if part.function:
+                call["function"]["name"] += part.function.name or ""
+                call["function"]["arguments"] += part.function.arguments or ""
+    print("" if line or calls else PREFIXES["content"])
+    for call in calls.values():
+        print(f"🔧: {call['function']['name']}({call['function']['arguments']})", flush=True)
+    return reply, list(calls.values())
 
 
 def failure(error: OpenAIError) -> str:

@@ -2,9 +2,12 @@
 environment variables MINIMIND_OUT_DIR, MINIMIND_CKPT, MINIMIND_TOKENIZER).
 
 Pick a model found in out/ (checkpoints, exported folders, LoRA adapters), set temperature, top-p and max
-tokens in the sidebar, and chat; answers stream in.
+tokens in the sidebar, and chat; answers stream in, a model's thinking (<think>) in a collapsed block. With "demo
+tools" on, the model may call the demo's calculator and lookup (model/tools.py): each call, its result and the
+answer that follows are shown.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -48,6 +51,7 @@ with st.sidebar:
     top_p = st.slider("top-p", 0.05, 1.0, 0.9, 0.05)
     max_tokens = st.slider("max new tokens", 16, 1024, 256, 16)
     history_turns = st.slider("history turns sent", 0, 8, 2)
+    use_tools = st.checkbox("demo tools (calculator, lookup)", help="the model may call them; they run here")
     if st.button("clear chat"):
         st.session_state.messages = []
 
@@ -57,27 +61,79 @@ except USER_ERRORS as e:
     st.error(f"cannot load {ckpt}: {message_of(e)}")
     st.stop()
 st.session_state.setdefault("messages", [])
+
+
+def call_line(call) -> str:
+    return f"🔧 `{call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})`"
+
+
+class AssistantBox:
+    """One assistant message on the page: its thinking in a collapsed block, its answer, the calls it made."""
+
+    def __init__(self):
+        self.box, self.text, self.slots = st.chat_message("assistant"), {"reasoning": "", "content": ""}, {}
+
+    def add(self, kind: str, piece: str):
+        self.text[kind] += piece
+        if kind not in self.slots:
+            with self.box:
+                self.slots[kind] = (st.expander("thinking") if kind == "reasoning" else st.container()).empty()
+        self.slots[kind].markdown(self.text[kind])
+
+    def call(self, call):
+        with self.box:
+            st.markdown(call_line(call))
+
+
+def show_result(text: str):
+    with st.chat_message("tool", avatar="🔧"):
+        st.code(text, language=None)
+
+
+def show(message: dict):
+    if message["role"] == "user":
+        with st.chat_message("user"):
+            st.markdown(message["content"])
+    elif message["role"] == "tool":
+        show_result(message["content"])
+    else:
+        box = AssistantBox()
+        for kind in ("reasoning", "content"):
+            text = message.get("reasoning_content" if kind == "reasoning" else "content")
+            if text:
+                box.add(kind, text)
+        for call in message.get("tool_calls", []):
+            box.call(call)
+
+
+def recent(messages: list[dict], turns: int) -> list[dict]:
+    """The last `turns` exchanges: from the turns-th last user message on (a tool round belongs to its question)."""
+    starts = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    return messages[starts[-turns]:] if turns and len(starts) >= turns else messages if turns else []
+
+
 for m in st.session_state.messages:
-    with st.chat_message(m["role"]):
-        st.markdown(m["content"])
+    show(m)
 
 if question := st.chat_input("Ask MiniMind something"):
-    from model.generate import SamplingParams, stream_text
+    from model.chat import tool_turn
+    from model.generate import SamplingParams
+    from model.tools import DEMO_TOOLS
 
     st.session_state.messages.append({"role": "user", "content": question})
-    with st.chat_message("user"):
-        st.markdown(question)
-    earlier = st.session_state.messages[:-1][-2 * history_turns:] if history_turns else []
-    prompt = tokenizer.apply_chat_template(earlier + [st.session_state.messages[-1]], tokenize=True,
-                                           add_generation_prompt=True)["input_ids"]
+    show(st.session_state.messages[-1])
+    conversation = recent(st.session_state.messages[:-1], history_turns) + [st.session_state.messages[-1]]
+    start = len(conversation)
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
-
-    def pieces():
-        for deltas in stream_text(engine, tokenizer, [prompt], params):
-            for d in deltas:
-                if d.text:
-                    yield d.text
-
-    with st.chat_message("assistant"):
-        answer = st.write_stream(pieces())
-    st.session_state.messages.append({"role": "assistant", "content": answer})
+    box = None
+    for kind, piece in tool_turn(engine, tokenizer, conversation, params, DEMO_TOOLS if use_tools else None):
+        box = box or AssistantBox()
+        if kind == "call":  # the result comes next, then the model's next round in a box of its own
+            box.call(piece[0])
+            show_result(piece[1])
+            box = None
+        else:
+            box.add(kind, piece)
+    if box is None and conversation[-1]["role"] == "assistant":  # an empty answer still has its box
+        AssistantBox()
+    st.session_state.messages += conversation[start:]

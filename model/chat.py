@@ -94,6 +94,51 @@ def load_for_inference(args, rows=(1,)):
     return engine, tokenizer
 
 
+def parsed_stream(model, tokenizer, prompt, params, parser, calls: list):
+    """(kind, text) pieces of one generation through `parser`; the calls it found are appended to `calls`."""
+    for deltas in stream_text(model, tokenizer, [prompt], params):
+        for d in deltas:
+            yield from parser.push(d.text)
+    tail, found = parser.finish()
+    calls.extend(found or [])
+    yield from tail
+
+
+def tool_turn(model, tokenizer, messages: list[dict], params, tools=None, run=None, max_rounds: int = 4):
+    """The assistant's answer to the last message, running the tools it calls on this machine (demo: model/tools.py).
+
+    Yields ("reasoning" | "content", text) as the model writes, and ("call", (call, result)) for each call it makes,
+    whose result goes back to the model for another round (at most `max_rounds`). `messages` grows by the
+    assistant's turns and the tool results, as the chat template renders them."""
+    from .tool_calls import OutputParser, normalize_tools
+    from .tools import run_tool_call
+
+    run = run or run_tool_call
+    names = [t["name"] for t in normalize_tools(tools)] if tools else None
+    for _ in range(max_rounds):
+        # Earlier thinking is not sent back, as OpenAI clients do not send it (it is no field of theirs).
+        sent = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
+        prompt = tokenizer.apply_chat_template(sent, tools=tools, tokenize=True,
+                                               add_generation_prompt=True)["input_ids"]
+        parser, written, calls = OutputParser(names), {"reasoning": "", "content": ""}, []
+        for kind, text in parsed_stream(model, tokenizer, prompt, params, parser, calls):
+            if text:
+                written[kind] += text
+                yield kind, text
+        turn = {"role": "assistant", "content": written["content"]}
+        if written["reasoning"]:
+            turn["reasoning_content"] = written["reasoning"]
+        if calls:
+            turn["tool_calls"] = calls
+        messages.append(turn)
+        if not calls:
+            return
+        for call in calls:
+            result = run(call)
+            messages.append({"role": "tool", "content": result})
+            yield "call", (call, result)
+
+
 def stream_to(out, model, tokenizer, prompt_ids, params) -> str:
     """Generate for one prompt, writing text as it arrives; returns the whole answer."""
     text = ""

@@ -17,9 +17,11 @@ from tqdm import tqdm
 
 from .errors import InputError
 from .io import BadRows, atomic_writer, iter_json_records, parse_line, text_field
+from .tool_calls import normalize_calls, normalize_tools
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "tool": "tool"}
 
 
 # ------------------------------------------------------------------------------------------------ normalizers
@@ -27,7 +29,13 @@ def normalize_text(obj) -> str:
     return text_field(obj, "text")
 
 
-def normalize_messages(messages) -> list[dict]:
+EXTRA_FIELDS = {"system": ("tools",), "assistant": ("tool_calls", "reasoning_content")}
+
+
+def normalize_messages(messages, tools=None) -> list[dict]:
+    """Turns as {"role", "content"}, and upstream's current tool format: `tools` on the first turn, a system turn
+    (or the row's own `tools`, given here), `tool_calls` and `reasoning_content` on assistant turns, `tool` turns
+    with the results. Tools and calls may be JSON strings or objects; a call must name a declared tool."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     out = []
@@ -41,16 +49,35 @@ def normalize_messages(messages) -> list[dict]:
             role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}")
-        if not isinstance(content, str) or not content.strip():
+        out.append({"role": role, "content": content, **{k: m[k] for k in EXTRA_FIELDS.get(role, ()) if m.get(k)}})
+    if tools is not None:
+        if out[0]["role"] != "system":
+            out.insert(0, {"role": "system", "content": ""})
+        out[0]["tools"] = normalize_tools(tools) + normalize_tools(out[0].get("tools", []))
+    declared = set()
+    for i, turn in enumerate(out):
+        if "tools" in turn:
+            if i:
+                raise ValueError("tools belong to the first turn, a system turn")
+            turn["tools"] = normalize_tools(turn["tools"])
+            declared = {t["name"] for t in turn["tools"]}
+        if "tool_calls" in turn:
+            turn["tool_calls"] = normalize_calls(turn["tool_calls"], declared)
+        if "reasoning_content" in turn:
+            text_field(turn, "reasoning_content")
+        if turn["role"] == "tool" and not (i and ("tool_calls" in out[i - 1] or out[i - 1]["role"] == "tool")):
+            raise ValueError("a tool result without a tool call before it")
+        content, bare = turn["content"], "tools" in turn or "tool_calls" in turn or turn["role"] == "tool"
+        if not (isinstance(content, str) and (content.strip() or bare) or content is None and bare):
             raise ValueError("empty or non-string message content")
-        out.append({"role": role, "content": content})
+        turn["content"] = content or ""
     return out
 
 
 def normalize_sft(obj) -> dict:
     """deepctrl (instruction, input, output, history) or conversations -> {"conversations": [...]}."""
     if "conversations" in obj or "messages" in obj:
-        messages = normalize_messages(obj.get("conversations", obj.get("messages")))
+        messages = normalize_messages(obj.get("conversations", obj.get("messages")), obj.get("tools"))
     elif "instruction" in obj and "output" in obj:
         messages = []
         history = obj.get("history") or []

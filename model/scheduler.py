@@ -7,6 +7,9 @@ iteration of the worker
    prompt (over `prefill_chunk` tokens) a chunk per iteration, so that it never stalls the rows already decoding;
    a request's n choices share its prompt's prefill (the row is copied);
 3. runs one decode step for every decoding row, each with its own sampling settings, random stream and stops;
+   A row with a grammar (a request's response_format or forced tool call, model/grammar.py) has its own matcher:
+   its bitmask masks that row's logits before sampling and the token sampled advances it; rows without one are
+   never touched;
 4. lets finished rows (EOS, a stop string, max_tokens, an error) leave at once: the last row moves into the freed
    one, so the decoding rows stay rows [0, D) of the cache, which is what one engine step decodes.
 A new request thus waits at most one step to start, and a short answer is never held up by a long one. Nothing
@@ -34,6 +37,7 @@ class Request:
     params: SamplingParams
     emit: Callable  # emit(choice index, TextDelta | Exception), then emit(None, None) once every choice has ended
     n: int = 1
+    grammar: Callable | None = None  # grammar() -> a new model/grammar.py Matcher, one per choice
     cancelled: bool = False
     open_choices: int = 0
     generated: int = 0  # tokens generated so far, all choices
@@ -49,6 +53,7 @@ class Choice:
     history: list = field(default_factory=list)  # prompt and generated ids, for the repetition penalty
     count: int = 0
     token: int = 0  # the last sampled token, fed at the next step
+    grammar: object = None  # this row's Matcher, if its request is constrained
 
 
 class Scheduler:
@@ -63,6 +68,7 @@ class Scheduler:
         self.long: tuple[Request, int] | None = None  # a long prompt being prefilled, and how much of it is in
         self.lock, self.wake = threading.Lock(), threading.Event()
         self.sampler = None  # rebuilt when the decoding rows change
+        self.bitmask = None  # the grammar rows' allowed tokens, one bitmask row per cache row (allocated on first use)
         self.served = self.cancelled = self.cancelled_tokens = self.failed = 0
         self.alive = True
         self.thread = threading.Thread(target=self._run, daemon=True, name="minimind-scheduler")
@@ -182,7 +188,8 @@ class Scheduler:
         for choice in started:
             try:
                 sampler = Sampler([choice.request.params], self.engine.device, [choice.generator])
-                token = int(sampler(logits[id(choice.request)][None], self._history([choice]))[0])
+                row_logits = self._constrain(logits[id(choice.request)][None], [choice])
+                token = int(sampler(row_logits, self._history([choice]))[0])
             except Exception as e:
                 self._end(choice, error=e)
                 continue
@@ -193,7 +200,8 @@ class Scheduler:
         seed = request.params.seed
         choice = Choice(request, index, TextStream(self.tokenizer, request.params.stop),
                         row_generator(None if seed is None else seed + index, self.engine.device),
-                        history=list(request.prompt) if request.params.repetition_penalty != 1.0 else [])
+                        history=list(request.prompt) if request.params.repetition_penalty != 1.0 else [],
+                        grammar=request.grammar() if request.grammar else None)
         self.rows.append(choice)
         self.sampler = None
         return choice
@@ -212,14 +220,33 @@ class Scheduler:
         if self.sampler is None:
             self.sampler = Sampler([c.request.params for c in self.rows], self.engine.device,
                                    [c.generator for c in self.rows])
-        sampled = self.sampler(logits, self._history(self.rows)).tolist()
+        sampled = self.sampler(self._constrain(logits, self.rows), self._history(self.rows)).tolist()
         for choice, token in zip(list(self.rows), sampled):
             self._accept(choice, token)
 
+    def _constrain(self, logits: torch.Tensor, rows: list[Choice]) -> torch.Tensor:
+        """Each grammar row's logits with the tokens its grammar forbids at -inf; the other rows' as they were."""
+        constrained = [i for i, choice in enumerate(rows) if choice.grammar is not None]
+        if not constrained:
+            return logits
+        from .grammar import apply_bitmask, new_bitmask
+
+        if self.bitmask is None:
+            self.bitmask = new_bitmask(self.max_batch, logits.shape[-1])
+        for i in constrained:
+            rows[i].grammar.fill(self.bitmask, i)
+        with torch.inference_mode():  # the engine's logits are inference tensors; n choices share a prefill's row
+            logits = logits.to(torch.float32, copy=True)
+            apply_bitmask(logits, self.bitmask, constrained)
+        return logits
+
     def _accept(self, choice: Choice, token: int):
-        """One new token of a row: its text to the client; the row ends on EOS, a stop string or max_tokens."""
+        """One new token of a row: its text to the client; the row ends on EOS, a stop string or max_tokens. A
+        grammar row's token may be replaced by one that still lets its grammar complete within max_tokens."""
         request = choice.request
         try:
+            if choice.grammar is not None:
+                token = choice.grammar.choose(token, request.params.max_new_tokens - choice.count)
             if token == self.eos:
                 return self._end(choice, TextDelta(choice.index, choice.stream.finish(), "stop"))
             choice.count += 1
@@ -227,8 +254,9 @@ class Scheduler:
             text = choice.stream.push(token)
             if choice.stream.stopped:
                 return self._end(choice, TextDelta(choice.index, text, "stop", [token]))
-            if choice.count >= request.params.max_new_tokens:
-                return self._end(choice, TextDelta(choice.index, text + choice.stream.finish(), "length", [token]))
+            if choice.count >= request.params.max_new_tokens:  # a grammar steered to its end in time is complete
+                reason = "stop" if choice.grammar is not None and choice.grammar.complete else "length"
+                return self._end(choice, TextDelta(choice.index, text + choice.stream.finish(), reason, [token]))
             request.emit(choice.index, TextDelta(choice.index, text, None, [token]))
             choice.token = token
             if choice.history:

@@ -5,6 +5,12 @@ step and leaves it the moment it finishes, each row with its own sampling settin
 no request shares state with another or waits for another to finish. Every field is checked before a request
 reaches the scheduler (a 400 with OpenAI's error body); past `--max_queue` waiting requests the answer is a 429.
 A client that disconnects frees its row at the next step.
+
+Tools (OpenAI's `tools`, `tool_choice`, `role: "tool"` messages) go through the chat template's plain-text tags; what
+the model writes is split by model/tool_calls.py into `reasoning_content`, `content` and `tool_calls`. tool_choice
+"auto" lets the model choose and parses what it wrote (a garbled call stays plain content); "none" shows it no tools
+and parses nothing; "required" or a named function constrains the output to calls whose arguments match the tool's
+schema, and `response_format` (json_object, json_schema) to JSON, both by grammars (model/grammar.py, xgrammar).
 """
 import asyncio
 import json
@@ -20,8 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .generate import SamplingParams
 from .scheduler import QueueFull, Request as Job, Scheduler
+from .tool_calls import OutputParser, ToolError, normalize_calls, normalize_tools, openai_call
 
-ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 INT64 = 2 ** 63  # OpenAI's integer fields are 64-bit signed
 
 
@@ -50,6 +57,10 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     n: int = Field(default=1, ge=1)
     stream_options: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict | None = None
 
 
 def check_text(text: str, where: str) -> str:
@@ -61,35 +72,117 @@ def check_text(text: str, where: str) -> str:
     return text
 
 
+def message_text(content, where: str, optional: bool = False) -> str:
+    """A message's text: a string or OpenAI's text parts (an assistant's may be null, as when it made calls)."""
+    if content is None and optional:
+        return ""
+    if isinstance(content, list):  # content parts: keep the text ones
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise APIError(400, f"{where}: only text parts are supported", where)
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise APIError(400, f"{where} must be a string", where)
+    return check_text(content, where)
+
+
+def tool_fields(check, *args):
+    """A model/tool_calls.py check; its ToolError is a 400 that names the field."""
+    try:
+        return check(*args)
+    except ToolError as e:
+        raise APIError(400, str(e), e.param) from e
+
+
 def normalize_messages(messages) -> list[dict]:
+    """OpenAI's messages as the chat template's turns. System messages stay where they are (the first one is the
+    prompt's head, later ones are turns of their own); assistant turns keep their calls and reasoning."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty array", "messages")
     out = []
     for i, m in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object", f"messages[{i}]")
+            raise APIError(400, f"{where} must be an object", where)
         role = ROLE_ALIASES.get(m.get("role"))
         if role is None:
-            raise APIError(400, f"messages[{i}].role {m.get('role')!r} is not one of system, developer, user, "
-                                f"assistant", f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported",
-                               f"messages[{i}].content")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
-        out.append({"role": role, "content": check_text(content, f"messages[{i}].content")})
-    if out[0]["role"] == "system":
-        systems = [m["content"] for m in out if m["role"] == "system"]
-        out = [{"role": "system", "content": "\n".join(systems)}] + [m for m in out if m["role"] != "system"]
-    else:
-        out = [m for m in out if m["role"] != "system"]
+            raise APIError(400, f"{where}.role {m.get('role')!r} is not one of system, developer, user, assistant, "
+                                f"tool", f"{where}.role")
+        turn = {"role": role, "content": message_text(m.get("content"), f"{where}.content", role == "assistant")}
+        if role == "assistant" and m.get("tool_calls"):
+            turn["tool_calls"] = tool_fields(normalize_calls, m["tool_calls"], None, f"{where}.tool_calls")
+            check_text(json.dumps(turn["tool_calls"], ensure_ascii=False), f"{where}.tool_calls")
+        if role == "assistant" and m.get("reasoning_content"):
+            turn["reasoning_content"] = message_text(m["reasoning_content"], f"{where}.reasoning_content")
+        out.append(turn)
     if not any(m["role"] == "user" for m in out):
         raise APIError(400, "'messages' needs at least one user message", "messages")
     return out
+
+
+def tool_mode(choice, names: list[str]) -> tuple[str, str | None]:
+    """tool_choice as (auto | none | required | named, the named function)."""
+    if choice is None:
+        return ("auto" if names else "none"), None
+    if choice in ("auto", "none", "required"):
+        if choice == "required" and not names:
+            raise APIError(400, "tool_choice 'required' needs tools", "tool_choice")
+        return choice, None
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+        raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                            "{'name': ...}}", "tool_choice")
+    if function["name"] not in names:
+        raise APIError(400, f"tool_choice names the function {function['name']!r}, which is not in tools",
+                       "tool_choice")
+    return "named", function["name"]
+
+
+def json_format(response_format) -> tuple[bool, dict | None]:
+    """response_format as (constrained to JSON?, the schema or None for any JSON object)."""
+    kind = response_format.get("type") if response_format is not None else "text"
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, None
+    spec = response_format.get("json_schema")
+    if kind != "json_schema" or not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise APIError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': "
+                            "'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}", "response_format")
+    return True, spec.get("schema")
+
+
+class Answer:
+    """One choice's generated text as it arrives, in OpenAI's fields: reasoning_content, content, tool_calls."""
+
+    def __init__(self, tool_names):
+        self.parser, self.text = OutputParser(tool_names), {"content": "", "reasoning_content": ""}
+        self.tool_calls, self.finish_reason = None, None
+
+    def push(self, delta) -> list[dict]:
+        """The message deltas this TextDelta adds (the calls and the finish reason come with the last)."""
+        pieces = self.parser.push(delta.text)
+        if delta.finish_reason:
+            tail, calls = self.parser.finish()
+            pieces += tail
+            self.tool_calls = [openai_call(c) for c in calls] if calls else None
+            self.finish_reason = "tool_calls" if calls else delta.finish_reason
+        out = []
+        for kind, text in pieces:
+            if text:
+                field = "reasoning_content" if kind == "reasoning" else "content"
+                self.text[field] += text
+                out.append({field: text})
+        if self.tool_calls:
+            out.append({"tool_calls": [{"index": k, **call} for k, call in enumerate(self.tool_calls)]})
+        return out
+
+    def message(self) -> dict:
+        message = {"role": "assistant", "content": self.text["content"] or (None if self.tool_calls else "")}
+        if self.text["reasoning_content"]:
+            message["reasoning_content"] = self.text["reasoning_content"]
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        return message
 
 
 def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | None = None, max_batch: int = 16,
@@ -104,6 +197,36 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
     defaults = defaults or SamplingParams(max_new_tokens=context, temperature=1.0)  # OpenAI's
     created = int(time.time())
     app.state.scheduler = scheduler
+    compiled_for = {}  # the grammar compiler, made on the first request that needs one
+
+    def grammars():
+        if "grammars" not in compiled_for:
+            from .grammar import Grammars
+
+            compiled_for["grammars"] = Grammars(tokenizer, model.config.vocab_size)
+        return compiled_for["grammars"]
+
+    def constraint(tools, mode, name, parallel, response_format, max_tokens, room):
+        """The grammar a request's output must follow (None: free text), checked to fit in max_tokens."""
+        constrained, schema = json_format(response_format)
+        forced = mode in ("required", "named")
+        if not (forced or constrained):
+            return None
+        try:
+            if forced:
+                chosen = [t for t in tools if mode == "required" or t["name"] == name]
+                compiled = grammars().tool_calls(chosen, parallel=mode == "required" and parallel is not False)
+            else:
+                compiled = grammars().json(schema)
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's word on a schema it cannot follow
+            where = "tools" if forced else "response_format"
+            raise APIError(400, f"{where}: not a JSON schema this server can follow ({e})", where) from e
+        need = grammars().closing_length(compiled, room)
+        if need > max_tokens:
+            shortest = f"{need} tokens" if need <= room else f"more than the {room} tokens the context has left"
+            raise APIError(400, f"max_tokens {max_tokens} is too few for the required output: its shortest form "
+                                f"takes {shortest}", "max_tokens")
+        return lambda: grammars().matcher(compiled)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -149,7 +272,12 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
         messages = normalize_messages(body.messages)
         if body.n > max_batch:
             raise APIError(400, f"n must be at most {max_batch} (the server's --max_batch)", "n")
-        prompt = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+        tools = tool_fields(normalize_tools, body.tools) if body.tools else []
+        check_text(json.dumps(tools, ensure_ascii=False), "tools")
+        mode, name = tool_mode(body.tool_choice, [t["name"] for t in tools])
+        shown = tools if mode != "none" else None  # "none": the model is not shown tools it may not call
+        prompt = tokenizer.apply_chat_template(messages, tools=shown or None, tokenize=True,
+                                               add_generation_prompt=True)["input_ids"]
         room = context - len(prompt)
         if room <= 0:
             raise APIError(400, f"this model's maximum context length is {context} tokens; the messages have "
@@ -167,33 +295,34 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
             raise APIError(400, "at most 4 stop sequences", "stop")
         for i, s in enumerate(stop):
             check_text(s, f"stop[{i}]")
+        grammar = constraint(tools, mode, name, body.parallel_tool_calls, body.response_format, max_tokens, room)
         given = {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
         params = replace(defaults, max_new_tokens=max_tokens, stop=tuple(stop),
                          **{name: value for name, value in given.items() if value is not None})
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job = Job(prompt, params, lambda index, item: loop.call_soon_threadsafe(events.put_nowait, (index, item)),
-                  n=body.n)
+                  n=body.n, grammar=grammar)
         try:
             scheduler.submit(job)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry later", kind="rate_limit_error",
                            code="rate_limit_exceeded") from e
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        answers = [Answer([t["name"] for t in shown or []]) for _ in range(body.n)]
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream_chunks(job, events, rid, model_name, len(prompt), usage),
+            return StreamingResponse(stream_chunks(job, events, rid, model_name, len(prompt), usage, answers),
                                      media_type="text/event-stream")
-        texts, finishes, completion = [""] * body.n, [None] * body.n, 0
+        completion = 0
         async for index, d in next_events(job, events, request):
             if isinstance(d, Exception):
                 raise APIError(500, f"generation failed: {d}", kind="server_error")
-            texts[index] += d.text
+            answers[index].push(d)
             completion += len(d.token_ids)
-            finishes[index] = d.finish_reason or finishes[index]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                             "finish_reason": finishes[i]} for i in range(body.n)],
+                "choices": [{"index": i, "message": a.message(), "finish_reason": a.finish_reason}
+                            for i, a in enumerate(answers)],
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion,
                           "total_tokens": len(prompt) + completion}}
 
@@ -216,7 +345,7 @@ async def next_events(job: Job, events: asyncio.Queue, request: Request | None =
 
 
 async def stream_chunks(job: Job, events: asyncio.Queue, rid: str, name: str, prompt_tokens: int,
-                        include_usage: bool):
+                        include_usage: bool, answers: list[Answer]):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; a row that fails gets an error
     event (the status line is already sent) and the other choices go on."""
     def chunk(index, delta, finish=None, usage=None):
@@ -235,10 +364,10 @@ async def stream_chunks(job: Job, events: asyncio.Queue, rid: str, name: str, pr
                 yield f"data: {json.dumps(error_body(f'generation failed: {d}', 'server_error'))}\n\n"
                 continue
             completion += len(d.token_ids)
-            if d.text:
-                yield chunk(index, {"content": d.text})
+            for delta in answers[index].push(d):
+                yield chunk(index, delta)
             if d.finish_reason:
-                yield chunk(index, {}, d.finish_reason)
+                yield chunk(index, {}, answers[index].finish_reason)
         if include_usage:
             yield chunk(0, None, usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                                         "total_tokens": prompt_tokens + completion})

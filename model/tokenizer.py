@@ -1,8 +1,10 @@
 """Tokenizer: byte-level BPE trained with `tokenizers`, used through transformers' `PreTrainedTokenizerFast`.
 
-Special tokens are upstream MiniMind's: <unk>=0 (also padding), <s>=1, </s>=2. The chat format is upstream's:
-the system text first, then every turn as `<s>{role}\n{content}</s>\n`.
+Special tokens are upstream MiniMind's: <unk>=0 (also padding), <s>=1, </s>=2. The chat format is upstream v1's:
+the system text first, then every turn as `<s>{role}\n{content}</s>\n`; tools, tool calls, tool results and
+reasoning are plain-text tags inside it (CHAT_TEMPLATE).
 """
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -13,7 +15,40 @@ from .io import BadRows, iter_json_records, parse_line, text_field
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "minimind_tokenizer"
 
+# Upstream v1's format, extended for tools as plain-text tags (no new special tokens, so the upstream v1 tokenizer,
+# tokenizer training and the GGUF export are unchanged). A conversation without tools, tool turns, later system
+# messages or reasoning renders exactly the v1 string. Compact on purpose: the demo model's context is 128-256 tokens.
+#   {system}\n<tools>\n{one JSON line per function}\n</tools>\n      tools: the `tools=` kwarg, else the system turn's
+#   <s>assistant\n<think>{reasoning}</think>{content}<tool_call>{"name":...,"arguments":{...}}</tool_call></s>\n
+#   <s>tool\n<tool_response>{result}</tool_response></s>\n
+#   <s>system\n{content}</s>\n                                     a system message after the first
+# `render_chat` below is the same format in Python (for SFT labels); a test checks that the two agree.
+_JSON = "tojson(separators=(',', ':'))"
 CHAT_TEMPLATE = (
+    "{% set tools = tools or (messages and messages[0]['role'] == 'system' and messages[0]['tools']) or [] %}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
+    "{% if tools %}{% if messages[0]['role'] == 'system' and messages[0]['content'] %}{{ '\\n' }}{% endif %}"
+    "{{ '<tools>\\n' }}{% for tool in tools %}"
+    "{{ (tool['function'] if tool['function'] is defined else tool) | " + _JSON + " }}{{ '\\n' }}"
+    "{% endfor %}{{ '</tools>\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<s>user\\n' + message['content'] + '</s>\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<s>assistant\\n' }}"
+    "{% if message['reasoning_content'] %}{{ '<think>' + message['reasoning_content'] + '</think>' }}{% endif %}"
+    "{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set call = call['function'] if call['function'] is defined else call %}"
+    "{{ '<tool_call>{\"name\":' }}{{ call['name'] | tojson }}{{ ',\"arguments\":' }}"
+    "{% if call['arguments'] is string %}{{ call['arguments'] }}{% else %}{{ call['arguments'] | " + _JSON + " }}"
+    "{% endif %}{{ '}</tool_call>' }}{% endfor %}{{ '</s>\\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<s>tool\\n<tool_response>' + message['content'] + '</tool_response></s>\\n' }}"
+    "{% elif message['role'] == 'system' and not loop.first %}{{ '<s>system\\n' + message['content'] + '</s>\\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}"
+)
+# The template this project and its saved tokenizers had before tools; load_tokenizer upgrades it (same output).
+V1_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ '<s>user\\n' + message['content'] + '</s>\\n' }}"
@@ -23,6 +58,8 @@ CHAT_TEMPLATE = (
 )
 ASSISTANT_PREFIX = "<s>assistant\n"
 TURN_END = "</s>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
 CJK = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
@@ -82,7 +119,7 @@ def load_tokenizer(path=None):
         raise FileNotFoundError(f"no tokenizer.json in {path}; train one with `python train_tokenizer.py` "
                                 f"or pass --tokenizer DIR")
     tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.chat_template is None:
+    if tok.chat_template in (None, V1_CHAT_TEMPLATE):  # v1's renders what ours does, without tools
         tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -106,30 +143,54 @@ def read_texts(path, field: str = "text", every: int = 1, skip_every: int = 0,
             yield text
 
 
-def encode_chat(tokenizer, messages: list[dict], max_length: int | None = None):
-    """Token ids of a conversation and a label per token: the token itself on assistant content and its
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def render_chat(messages: list[dict], tools: list | None = None) -> list[tuple[str, bool]]:
+    """CHAT_TEMPLATE in Python, as (text, trained) pieces: trained are an assistant turn's reasoning, content,
+    calls and closing </s> (never a tool's result). The pieces end at special tokens or newlines."""
+    pieces = []
+    first_system = bool(messages) and messages[0]["role"] == "system"
+    tools = tools or (first_system and messages[0].get("tools")) or []
+    head = messages[0]["content"] if first_system else ""
+    if tools:
+        head += ("\n" if head else "") + "<tools>\n"
+        head += "".join(_json(t["function"] if "function" in t else t) + "\n" for t in tools) + "</tools>\n"
+    if head:
+        pieces.append((head, False))
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role == "user":
+            pieces.append((f"<s>user\n{m['content']}{TURN_END}\n", False))
+        elif role == "assistant":
+            text = f"<think>{m['reasoning_content']}</think>" if m.get("reasoning_content") else ""
+            text += m.get("content") or ""
+            for call in m.get("tool_calls") or []:
+                call = call["function"] if "function" in call else call
+                args = call["arguments"] if isinstance(call["arguments"], str) else _json(call["arguments"])
+                name = json.dumps(call["name"], ensure_ascii=False)
+                text += f'{CALL_OPEN}{{"name":{name},"arguments":{args}}}{CALL_CLOSE}'
+            pieces += [(ASSISTANT_PREFIX, False), (text + TURN_END, True), ("\n", False)]
+        elif role == "tool":
+            pieces.append((f"<s>tool\n<tool_response>{m['content']}</tool_response>{TURN_END}\n", False))
+        elif role == "system":
+            if i:
+                pieces.append((f"<s>system\n{m['content']}{TURN_END}\n", False))
+        else:
+            raise ValueError(f"unknown role {role!r}")
+    return pieces
+
+
+def encode_chat(tokenizer, messages: list[dict], max_length: int | None = None, tools: list | None = None):
+    """Token ids of a conversation and a label per token: the token itself on what the assistant wrote and its
     closing </s>, -100 elsewhere. Each piece is tokenized alone; the pieces end at special tokens or newlines,
     where byte-level pre-tokenization splits anyway, so the ids equal those of the whole rendered text."""
     ids, labels = [], []
-
-    def add(text, train):
+    for text, train in render_chat(messages, tools):
         piece = tokenizer.encode(text, add_special_tokens=False)
         ids.extend(piece)
         labels.extend(piece if train else [-100] * len(piece))
-
-    start = 0
-    if messages and messages[0]["role"] == "system":
-        add(messages[0]["content"], False)
-        start = 1
-    for m in messages[start:]:
-        if m["role"] == "user":
-            add(f"<s>user\n{m['content']}{TURN_END}\n", False)
-        elif m["role"] == "assistant":
-            add(ASSISTANT_PREFIX, False)
-            add(m["content"] + TURN_END, True)
-            add("\n", False)
-        else:
-            raise ValueError(f"unknown role {m['role']!r}")
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return ids, labels

@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -63,3 +64,86 @@ def demo_data(tmp_path_factory):
     tokenize_pretrain(root / "data" / "pretrain_data.jsonl", root / "tokens", root / "tokenizer", workers=1,
                       val_every=20)
     return root
+
+
+# The tool a LangChain `@tool def add(a: int, b: int) -> int: """Add two integers."""` becomes (a test checks it).
+ADD_TOOL = {"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
+    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"], "type": "object"}}}
+
+
+GARBLED = {"add 2 and three": '<tool_call>{"name":"add","arguments":{"a":2,"b":three}}</tool_call>',  # bad JSON
+           "times 2 and 3": '<tool_call>{"name":"times","arguments":{"a":2,"b":3}}</tool_call>'}  # an unknown tool
+
+
+def tool_conversations():
+    """(tools, conversation) pairs that `tool_model` learns by heart: calls, answers after a result, garbled calls."""
+    from model.tools import DEMO_TOOLS
+
+    def user(text):
+        return {"role": "user", "content": text}
+
+    def call(name, arguments, think=None):
+        return {"role": "assistant", "content": "", **({"reasoning_content": think} if think else {}),
+                "tool_calls": [{"name": name, "arguments": arguments}]}
+
+    def said(text):
+        return {"role": "assistant", "content": text}
+
+    # Clients send a call back without its thinking (reasoning_content is no OpenAI field), so the history has none.
+    add_call, product = call("add", {"a": 2, "b": 3}), call("calculator", {"expression": "123*45"})
+    return [
+        ([ADD_TOOL], [user("add 2 and 3"), call("add", {"a": 2, "b": 3}, "I add.")]),
+        ([ADD_TOOL], [user("add 2 and 3"), add_call, {"role": "tool", "content": "5"}, said("2 plus 3 is 5.")]),
+        ([ADD_TOOL], [user("add 2 and three"), said(GARBLED["add 2 and three"])]),
+        ([ADD_TOOL], [user("times 2 and 3"), said(GARBLED["times 2 and 3"])]),
+        (None, [user("add 4 and 5"), said('<tool_call>{"name":"add","arguments":{"a":4,"b":5}}</tool_call>')]),
+        (DEMO_TOOLS, [user("What is 123*45?"), call("calculator", {"expression": "123*45"}, "I calculate.")]),
+        (DEMO_TOOLS, [user("What is 123*45?"), product, {"role": "tool", "content": "5535"}, said("123*45 is 5535.")]),
+    ]
+
+
+@pytest.fixture(scope="session")
+def tool_model(demo_data, tmp_path_factory):
+    """A tiny model trained until it says each of tool_conversations()' answers greedily: a model that emits calls."""
+    from model.checkpoint import save_weights
+    from model.generate import SamplingParams, generate_text
+    from model.tokenizer import encode_chat, load_tokenizer, render_chat
+
+    tok = load_tokenizer(demo_data / "tokenizer")
+    model = tiny_model(dim=64, n_layers=1, vocab_size=1000, max_seq_len=512).train()  # one layer learns them fastest
+    groups = {}  # one batch per tool set: their conversations are of about one length, so little padding
+    for tools, messages in tool_conversations():
+        groups.setdefault(json.dumps(tools), []).append(encode_chat(tok, messages, tools=tools))
+    batches = []
+    for rows in groups.values():
+        width = max(len(ids) for ids, _ in rows)
+        ids, labels = torch.zeros(len(rows), width, dtype=torch.long), torch.full((len(rows), width), -100)
+        for r, (row_ids, row_labels) in enumerate(rows):
+            ids[r, :len(row_ids)], labels[r, :len(row_labels)] = torch.tensor(row_ids), torch.tensor(row_labels)
+        batches.append((ids, labels))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def says_every_answer():
+        model.eval()
+        for tools, messages in tool_conversations():
+            prompt = tok.apply_chat_template(messages[:-1], tools=tools, tokenize=True, add_generation_prompt=True)
+            answer = render_chat(messages)[-2][0].removesuffix("</s>")  # the last answer, as trained
+            budget = len(tok.encode(answer, add_special_tokens=False)) + 1
+            said = generate_text(model, tok, [prompt["input_ids"]], SamplingParams(max_new_tokens=budget))[0]["text"]
+            if said != answer:
+                return model.train() and False
+        return True
+
+    for step in range(300):
+        optimizer.zero_grad()
+        losses = [model(ids, labels=labels).loss for ids, labels in batches]
+        sum(losses).backward()
+        optimizer.step()
+        if max(loss.item() for loss in losses) < 0.05 and step % 5 == 0 and says_every_answer():
+            break
+    else:
+        raise AssertionError("the tool model did not learn its conversations")
+    path = tmp_path_factory.mktemp("tools") / "tool_model.safetensors"
+    save_weights(path, model.state_dict(), model.config, {"tokenizer": str(demo_data / "tokenizer")})
+    return path
+

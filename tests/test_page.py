@@ -66,3 +66,34 @@ def test_chat_with_int8_weights_and_the_compiled_step(out_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "🤖: " in done.stdout
     assert "Failed to load" not in done.stderr + done.stdout and "Enum subclass" not in done.stderr, done.stderr[-2000:]
+
+
+def test_the_chat_page_runs_the_demo_tools_and_folds_the_thinking(tool_model, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("MINIMIND_OUT_DIR", str(tool_model.parent))
+    monkeypatch.chdir(ROOT)
+    app = AppTest.from_file(str(ROOT / "fast_inference.py"), default_timeout=120)
+    app.run()
+    app.sidebar.slider[0].set_value(0.0)  # greedy
+    app.sidebar.checkbox[0].check()
+    app.chat_input[0].set_value("What is 123*45?").run()
+    assert not app.exception
+    for shown in (app, app.run()):  # as it streamed, and drawn again from the session's messages
+        assert [m.name for m in shown.chat_message] == ["user", "assistant", "tool", "assistant"]
+        asked, called, result, answer = shown.chat_message
+        assert [e.label for e in called.expander] == ["thinking"]
+        assert called.expander[0].markdown[0].value == "I calculate."
+        assert called.markdown[-1].value == '🔧 `calculator({"expression": "123*45"})`'
+        assert result.code[0].value == "5535" and answer.markdown[0].value == "123*45 is 5535."
+    assert [m["role"] for m in app.session_state["messages"]] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_eval_script_runs_the_demo_tools(tool_model, capsys):
+    from conftest import load_script
+
+    load_script("2-eval.py").main(["--ckpt", str(tool_model), "--device", "cpu", "--tools", "demo", "--temperature",
+                                   "0", "--max_new_tokens", "160", "--prompt", "What is 123*45?"])
+    assert capsys.readouterr().out.split("\n")[:4] == ["👶: What is 123*45?", "💭: I calculate.",
+                                                       '🔧: calculator({"expression": "123*45"}) -> 5535',
+                                                       "🤖: 123*45 is 5535."]

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server as a real process, driven by the official openai client and raw HTTP."""
 import concurrent.futures
+import contextlib
 import json
 import os
 import socket
@@ -51,12 +52,21 @@ def start_server(ckpt, tokenizer, *extra):
         time.sleep(0.2)
 
 
+@contextlib.contextmanager
+def serving(ckpt, tokenizer, *extra):
+    """A server process for the with-block: its URL."""
+    proc, url = start_server(ckpt, tokenizer, *extra)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(served_model, demo_data):
-    proc, url = start_server(served_model, demo_data / "tokenizer", "--context_length", "256")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(served_model, demo_data / "tokenizer", "--context_length", "256") as url:
+        yield url
 
 
 def client(url, key="none"):
