@@ -57,8 +57,11 @@ class Choice:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 128,
-                 capacity: int | None = None):
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 512,
+                 capacity: int | None = None, in_thread: bool = True):
+        """The worker loop runs in a thread of its own, or (in_thread=False) in whichever thread calls `run()`:
+        torch's CPU kernels run about twice as fast in the process's main thread as in a second one here (its
+        OpenMP team stays warm), so the server runs the loop there and HTTP in a thread."""
         self.engine, self.tokenizer = as_engine(model), tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.cache: KVCache = self.engine.new_cache(max_batch, capacity or self.engine.config.max_seq_len)
@@ -70,9 +73,10 @@ class Scheduler:
         self.sampler = None  # rebuilt when the decoding rows change
         self.bitmask = None  # the grammar rows' allowed tokens, one bitmask row per cache row (allocated on first use)
         self.served = self.cancelled = self.cancelled_tokens = self.failed = 0
-        self.alive = True
-        self.thread = threading.Thread(target=self._run, daemon=True, name="minimind-scheduler")
-        self.thread.start()
+        self.alive, self.running = True, False
+        self.thread = threading.Thread(target=self.run, daemon=True, name="minimind-scheduler") if in_thread else None
+        if self.thread:
+            self.thread.start()
 
     # ----------------------------------------------------------------------------------------- from other threads
     def submit(self, request: Request) -> Request:
@@ -86,14 +90,23 @@ class Scheduler:
     def stop(self):
         self.alive = False
         self.wake.set()
-        self.thread.join(timeout=10)
+        if self.thread:
+            self.thread.join(timeout=10)
 
     @property
     def queued(self) -> int:
         return len(self.waiting) + (self.long is not None)
 
     # -------------------------------------------------------------------------------------------- the worker
-    def _run(self):
+    def run(self):
+        """The worker loop, until stop()."""
+        self.running = True
+        try:
+            self._loop()
+        finally:
+            self.running = False
+
+    def _loop(self):
         while self.alive:
             self._drop_cancelled()
             if not (self.rows or self.waiting or self.long):

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .generate import SamplingParams
+from .generate import SamplingParams, TextDelta
 from .scheduler import QueueFull, Request as Job, Scheduler
 from .tool_calls import OutputParser, ToolError, normalize_calls, normalize_tools, openai_call
 
@@ -187,13 +187,14 @@ class Answer:
 
 def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | None = None, max_batch: int = 16,
                context_length: int | None = None, defaults: SamplingParams | None = None, max_queue: int = 64,
-               prefill_chunk: int = 128) -> FastAPI:
+               prefill_chunk: int = 512, scheduler_in_thread: bool = True) -> FastAPI:
     """`model`: a model or an Engine (model/engine.py). `defaults` sample what a request leaves out (top_k and
     repetition_penalty, which OpenAI's API lacks, always; max_tokens capped by the context); without them, OpenAI's:
     temperature 1, top_p 1, up to the context."""
     app = FastAPI(title="MiniMind OpenAI-compatible API")
     context = context_length or model.config.max_seq_len
-    scheduler = Scheduler(model, tokenizer, max_batch, max_queue, prefill_chunk, capacity=context)
+    scheduler = Scheduler(model, tokenizer, max_batch, max_queue, prefill_chunk, capacity=context,
+                          in_thread=scheduler_in_thread)  # else the caller runs app.state.scheduler.run()
     defaults = defaults or SamplingParams(max_new_tokens=context, temperature=1.0)  # OpenAI's
     created = int(time.time())
     app.state.scheduler = scheduler
@@ -256,7 +257,7 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "worker_alive": scheduler.thread.is_alive(),
+        return {"status": "ok", "model": model_name, "worker_alive": scheduler.running,
                 "active_requests": len({id(c.request) for c in scheduler.rows}), "active_rows": len(scheduler.rows),
                 "queued_requests": scheduler.queued, "served_requests": scheduler.served,
                 "cancelled_requests": scheduler.cancelled, "failed_rows": scheduler.failed,
@@ -330,17 +331,31 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
 
 
 async def next_events(job: Job, events: asyncio.Queue, request: Request | None = None):
-    """(choice index, TextDelta or Exception) as the scheduler sends them; stops the job if the client leaves."""
+    """(choice index, TextDelta or Exception) as the scheduler sends them; stops the job if the client leaves.
+
+    Deltas of one choice that queued up while this stream was waiting for its turn (a busy server) come as one:
+    one chunk to encode and send instead of several, and the text is the same."""
+    held = None
     while True:
-        try:
-            index, item = await asyncio.wait_for(events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if request is not None and await request.is_disconnected():
-                job.cancelled = True
-                return
-            continue
+        if held is not None:
+            index, item, held = *held, None
+        else:
+            try:
+                index, item = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    job.cancelled = True
+                    return
+                continue
         if index is None:
             return
+        while isinstance(item, TextDelta) and item.finish_reason is None and not events.empty():
+            following = events.get_nowait()
+            if following[0] != index or not isinstance(following[1], TextDelta):
+                held = following
+                break
+            more = following[1]
+            item = TextDelta(item.row, item.text + more.text, more.finish_reason, item.token_ids + more.token_ids)
         yield index, item
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import tiny_model
-from model.generate import SamplingParams, generate_text
+from model.generate import SamplingParams, generate_text, stream_text
 from model.scheduler import QueueFull, Request, Scheduler
 from model.tokenizer import load_tokenizer
 
@@ -154,8 +154,7 @@ def test_a_row_that_fails_ends_alone(model, tokenizer):
             return self.inner.decode(ids, **kw)
 
     ids = prompt(tokenizer, "Hello there")
-    first = generate_text(model, tokenizer, [ids], SamplingParams(max_new_tokens=4))[0]
-    poison = tokenizer.encode(first["text"], add_special_tokens=False)[0]
+    poison = next(stream_text(model, tokenizer, [ids], SamplingParams(max_new_tokens=4)))[0].token_ids[0]
     scheduler = Scheduler(model, Fragile(tokenizer), max_batch=4)
     bad = Client(ids, SamplingParams(max_new_tokens=4))
     good = [Client(prompt(tokenizer, q), SamplingParams(max_new_tokens=6, temperature=1.0, seed=i))
