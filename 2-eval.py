@@ -9,6 +9,7 @@ shown with its result, and answered by the model again.
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from model import quiet_third_party
 
@@ -19,12 +20,22 @@ from model.errors import run_script
 from model.io import read_questions
 from model.tools import DEMO_TOOLS
 
-# The seed README's sample questions, and a few from the demo world.
+# The seed README's sample questions; a model the demo trained gets the demo world's instead (it knows nothing else).
 QUESTIONS = ["你知道长江吗？", "Which country launched the first artificial satellite?", "你知道泰山在哪里吗？",
              "What is the highest mountain in the world?", "万有引力是谁提出的？", "你知道大熊猫的主要食物是什么吗？",
              "What is the capital of France?", "日本的首都是哪里？", "你是谁？"]
+DEMO_QUESTIONS = ["What is the capital of Japan?", "法国的首都是哪里？", "Which continent is Kenya in?", "3加5等于多少？",
+                  "How many days are there in a week?", "水在多少度结冰？", "Who are you?", "你是谁？"]
 PREFIXES = {"reasoning": "💭: ", "content": "🤖: ", "call": "🔧: "}
-TOOL_QUESTIONS = ["What is 123*45?", "What is the capital of Peru?", "法国位于哪个大洲？"]
+TOOL_QUESTIONS = ["What is 123*45?", "What is 4521 plus 376?", "What is the population of Japan?", "法国有多少人口？"]
+
+
+def trained_by_the_demo(ckpt) -> bool:
+    """A checkpoint in a folder demo.py made (or one level inside it)."""
+    from model.demo_corpus import DEMO_MARKER
+
+    path = Path(ckpt).resolve()
+    return any((folder / DEMO_MARKER).exists() for folder in (path.parent, path.parent.parent))
 
 
 def main(argv=None):
@@ -59,7 +70,8 @@ def main(argv=None):
         history.append(messages[start:])  # this question's turns: the question, calls, results, answers
 
     if not args.interactive:
-        for q in args.prompt or (TOOL_QUESTIONS if args.tools else QUESTIONS):
+        for q in args.prompt or (TOOL_QUESTIONS if args.tools else DEMO_QUESTIONS if trained_by_the_demo(args.ckpt)
+                                 else QUESTIONS):
             print(f"👶: {q}")
             answer(q)
         return

@@ -1,11 +1,12 @@
 """The whole MiniMind pipeline on the demo corpus, in one command, on a CPU in about ten minutes.
 
-    python demo.py            (the full demo: out/demo/, loss curves in images/)
+    python demo.py            (the full demo: out/demo/, its loss curves in out/demo/images/)
     python demo.py --tiny     (a one-minute smoke run with a tiny model: out/demo_tiny/)
 
-Stages: demo data -> tokenizer -> pretrain -> SFT -> LoRA -> DPO -> chat samples -> C-Eval-format eval ->
-export (transformers, Llama, GGUF) -> a round trip through the OpenAI-compatible server. Each stage runs the
-same script a user would run, with the same flags; the closing table sums up what each one achieved.
+Stages: demo data -> tokenizer -> pretrain -> SFT (chat and tool calls) -> LoRA -> DPO -> GRPO -> distillation
+-> chat samples -> C-Eval-format eval -> export (transformers, Llama, GGUF) -> a round trip through the
+OpenAI-compatible server. Each stage runs the same script a user would run, with the same flags; the closing
+table sums up what each one achieved, and the demo exits 1 if a check failed.
 """
 import argparse
 import importlib.util
@@ -20,14 +21,18 @@ from model import quiet_third_party
 quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing to a user
 
 ROOT = Path(__file__).resolve().parent
-MARKER = ".minimind_demo"  # in every --out_dir the demo makes: the only kind of folder it replaces
 
-FULL = dict(name="demo", repeats=30, vocab=3000, model=["--preset", "demo"], seq=128, pre_steps=400, pre_lr=2e-3,
-            pre_batch=16, sft_steps=300, sft_lr=3e-4, lora_steps=30, dpo_steps=40, dpo_lr=2e-5)
+FULL = dict(name="demo", repeats=30, vocab=3000, model=["--preset", "demo"], seq=128, chat_seq=256, pre_steps=400,
+            pre_lr=2e-3, pre_batch=16, sft_steps=300, sft_lr=3e-4, lora_steps=20, dpo_steps=40, dpo_lr=4e-5,
+            grpo_steps=40, grpo_lr=2e-5, student=["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads",
+                                                   "2"], student_steps=200, distill_steps=60, sampled_seeds=3)
 TINY = dict(name="demo_tiny", repeats=2, vocab=600,
             model=["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--vocab_size", "600"],
-            seq=64, pre_steps=30, pre_lr=3e-3, pre_batch=8, sft_steps=15, sft_lr=1e-3, lora_steps=4, dpo_steps=4,
-            dpo_lr=1e-4)
+            seq=64, chat_seq=64, pre_steps=30, pre_lr=3e-3, pre_batch=8, sft_steps=15, sft_lr=1e-3, lora_steps=4,
+            dpo_steps=4, dpo_lr=1e-4, grpo_steps=3, grpo_lr=1e-4,
+            student=["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--vocab_size", "600"],
+            student_steps=10, distill_steps=4, sampled_seeds=1)
+CHAT_SAMPLING = dict(temperature=0.7, top_p=0.9)  # the chat scripts' and the page's defaults
 
 
 def script(name: str):
@@ -60,15 +65,16 @@ class Timer:
 def fresh_out_dir(out: Path) -> Path:
     """`out`, emptied for a new run; a folder with files the demo did not write (`--out_dir out`, where real
     checkpoints live) is refused, never deleted."""
+    from model.demo_corpus import DEMO_MARKER
     from model.errors import InputError
 
     if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).exists():
+        if not (out / DEMO_MARKER).exists():
             raise InputError(f"--out_dir {out} holds files the demo did not write: give a new or empty folder (the "
                              f"demo replaces only a folder it made)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by demo.py, which replaces this folder on its next run\n")
+    (out / DEMO_MARKER).write_text("made by demo.py, which replaces this folder on its next run\n")
     return out
 
 
@@ -95,16 +101,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny model and a few steps: a smoke run")
     parser.add_argument("--out_dir", default=None, help="default: out/demo (out/demo_tiny with --tiny)")
-    parser.add_argument("--images_dir", default=None, help="where the loss curves go (default: images/, not with --tiny)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--learning_only", action="store_true",
+                        help="the stages that learn and their measurements only (no chat samples, C-Eval, export, "
+                             "server): what bench/bench_demo_seeds.py runs")
     args = parser.parse_args(argv)
     cfg = TINY if args.tiny else FULL
     out = fresh_out_dir(Path(args.out_dir or ROOT / "out" / cfg["name"]))
     data, tok = out / "data", out / "tokenizer"
-    images = Path(args.images_dir) if args.images_dir else (None if args.tiny else ROOT / "images")
-    common = ["--out_dir", str(out), "--tokenizer", str(tok), "--max_seq_len", str(cfg["seq"]), "--quiet",
-              "--seed", str(args.seed), "--device", "cpu", "--save_interval", "100000", "--log_interval", "10"]
-    timer, summary = Timer(), {}
+    common = ["--out_dir", str(out), "--tokenizer", str(tok), "--max_seq_len", str(cfg["seq"]), "--seed",
+              str(args.seed), "--device", "cpu", "--save_interval", "100000", "--log_interval", "20"]
+    # Chat rows with the tools' descriptions run to ~170 tokens: the chat stages take longer rows than pretraining
+    # (RoPE has no fixed length, and a batch pads only to its longest row).
+    chat_common = [*common[:4], "--max_seq_len", str(cfg["chat_seq"]), *common[6:]]
+    timer, summary, failures = Timer(), {}, []
 
     import torch
 
@@ -126,48 +136,63 @@ def main(argv=None):
         pretrained = Path(result["output"])
         summary["pretrain val loss"] = f"{result['val_loss']:.3f}"
 
-    from model.evaluation import fact_qa
+    from model.evaluation import fact_qa, preference_accuracy, tool_use
     from model.io import read_jsonl
     from model.loading import load_model
     from model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tok)
     held_out = list(read_jsonl(data / "held_out.jsonl"))
+    tool_questions = list(read_jsonl(data / "tool_held_out.jsonl"))
 
-    def accuracy(path):
+    def accuracy(path, show=0):
         r = fact_qa(load_model(path), tokenizer, held_out)
+        for a in r["answers"][:show] + r["answers"][-show:] if show else []:
+            print(f"  {'✓' if a['hit'] else '✗'} {a['question']} -> {a['response']}")
+        print(f"held-out fact QA of {Path(path).name}: EN {r['en']:.0%} / ZH {r['zh']:.0%}")
         return r, f"EN {r['en']:.0%} / ZH {r['zh']:.0%}"
 
-    with timer.stage("held-out fact QA before SFT"):
+    def tools(path):
+        r = tool_use(load_model(path), tokenizer, tool_questions)
+        line = f"calls EN {r['calls']['en']:.0%} / ZH {r['calls']['zh']:.0%}, answers EN {r['answers']['en']:.0%} / " \
+               f"ZH {r['answers']['zh']:.0%}"
+        print(f"held-out tool use of {Path(path).name}: {line}")
+        return r, line
+
+    with timer.stage("held-out fact QA and tool use before SFT"):
         _, summary["held-out fact QA, before SFT"] = accuracy(pretrained)
+        _, summary["held-out tool use, before SFT"] = tools(pretrained)
 
     with timer.stage("SFT"):
         result = script("3-full_sft.py").main(
-            ["--data_path", str(data / "sft_data.jsonl"), "--init_from", str(pretrained), *common, "--batch_size", "16",
+            ["--data_path", str(data / "sft_data.jsonl"), "--init_from", str(pretrained), *chat_common, "--batch_size", "16",
              "--learning_rate", str(cfg["sft_lr"]), "--warmup_iters", "10", "--max_steps", str(cfg["sft_steps"]),
              "--epochs", "1000", "--freeze_embeddings", "--eval_interval", str(max(cfg["sft_steps"] // 3, 1))])
         sft = Path(result["output"])
         summary["SFT val loss"] = f"{result['val_loss']:.3f}"
-    with timer.stage("held-out fact QA after SFT"):
-        qa, summary["held-out fact QA, after SFT"] = accuracy(sft)
-        for a in qa["answers"][:3] + qa["answers"][-3:]:
-            print(f"  {'✓' if a['hit'] else '✗'} {a['question']} -> {a['response']}")
+    with timer.stage("held-out fact QA and tool use after SFT"):
+        qa, summary["held-out fact QA, after SFT"] = accuracy(sft, show=3)
+        summary["held-out fact QA, after SFT, sampled"] = sampled_accuracy(sft, tokenizer, held_out,
+                                                                           cfg["sampled_seeds"], args.seed)
+        summary["'Who are you?' / '你是谁？', sampled"] = identity_answers(sft, tokenizer, 8, args.seed)
+        tool_result, summary["held-out tool use, after SFT"] = tools(sft)
+        for r in tool_result["rows"][:2] + tool_result["rows"][-2:]:
+            print(f"  {'✓' if r['right_answer'] else '✗'} {r['question']} -> {r['first']} -> {r['final']}")
 
     with timer.stage("LoRA"):
         result = script("4-lora_sft.py").main(
-            ["--ckpt", str(sft), "--data_path", str(data / "sft_data.jsonl"), *common, "--batch_size", "16",
+            ["--ckpt", str(sft), "--data_path", str(data / "sft_data.jsonl"), *chat_common, "--batch_size", "16",
              "--learning_rate", "1e-4", "--max_steps", str(cfg["lora_steps"]), "--epochs", "100", "--merge"])
         summary["LoRA val loss"] = f"{result['val_loss']:.3f}"
         _, summary["held-out fact QA, LoRA merged"] = accuracy(Path(str(result["output"]) + "_merged.safetensors"))
 
     with timer.stage("DPO"):
-        from model.evaluation import preference_accuracy
-
         before = preference_accuracy(load_model(sft), tokenizer, data / "dpo_held_out.jsonl")
         result = script("5-dpo_train.py").main(
             ["--ckpt", str(sft), "--data_path", str(data / "dpo_data.jsonl"), "--val_path",
-             str(data / "dpo_held_out.jsonl"), *common, "--batch_size", "8", "--learning_rate", str(cfg["dpo_lr"]),
-             "--max_steps", str(cfg["dpo_steps"]), "--epochs", "100", "--beta", "0.1"])
+             str(data / "dpo_held_out.jsonl"), *chat_common, "--batch_size", "8", "--learning_rate", str(cfg["dpo_lr"]),
+             "--max_steps", str(cfg["dpo_steps"]), "--epochs", "100", "--beta", "0.1",
+             "--eval_interval", str(max(cfg["dpo_steps"] // 4, 1))])
         dpo = Path(result["output"])
         after = preference_accuracy(load_model(dpo), tokenizer, data / "dpo_held_out.jsonl")
         metrics = [json.loads(line) for line in open(out / dpo.stem / "metrics.jsonl")]
@@ -178,43 +203,149 @@ def main(argv=None):
             f"{after['accuracy']:.0%})"
         _, summary["held-out fact QA, after DPO"] = accuracy(dpo)
 
-    with timer.stage("chat samples"):
-        chat = script("2-eval.py")
-        chat.main(["--ckpt", str(dpo), "--tokenizer", str(tok), "--device", "cpu", "--temperature", "0",
-                   "--max_new_tokens", "40", "--prompt", "What is the capital of Japan?", "--prompt", "法国的首都是哪里？",
-                   "--prompt", "How many days are there in a week?", "--prompt", "你是谁？"])
+    with timer.stage("GRPO"):
+        # One-digit sums: the DPO model answers some; rewards are checked by a program (demo_math), and the
+        # held-out sums are pairs that neither SFT nor GRPO ever asked.
+        sums = list(read_jsonl(data / "grpo_held_out.jsonl"))
+        before = sum_accuracy(dpo, tokenizer, sums)
+        result = script("6-grpo_train.py").main(
+            ["--ckpt", str(dpo), "--data_path", str(data / "grpo_prompts.jsonl"), "--val_path",
+             str(data / "grpo_held_out.jsonl"), *chat_common, "--reward", "demo_math", "--batch_size", "8",
+             "--num_generations", "8", "--max_new_tokens", "16", "--learning_rate", str(cfg["grpo_lr"]),
+             "--max_steps", str(cfg["grpo_steps"]), "--epochs", "100", "--beta", "0.02", "--log_interval", "5",
+             "--eval_interval", str(max(cfg["grpo_steps"] // 3, 1))])
+        grpo = Path(result["output"])
+        after = sum_accuracy(grpo, tokenizer, sums)
+        summary["GRPO held-out one-digit sums"] = f"{before:.0%} -> {after:.0%} ({len(sums)} questions, EN and ZH)"
+        _, summary["held-out fact QA, after GRPO"] = accuracy(grpo)
+        final_model = grpo
 
-    with timer.stage("C-Eval-format eval"):
-        result = script("eval_ceval.py").main(["--ckpt", str(dpo), "--tokenizer", str(tok), "--device", "cpu",
-                                               "--data_dir", str(data / "ceval"), "--out_dir", str(out / "ceval")])
-        summary["C-Eval-format accuracy (demo val, chance 25%)"] = \
-            f"{result['accuracy']:.1%} ({result['correct']}/{result['total']})"
+    with timer.stage("distillation"):
+        # A half-width student, pretrained alike, then fine-tuned on the SFT data for the same steps: on the
+        # answers alone, or on the answers and the SFT model's distribution over them.
+        student = script("1-pretrain.py").main(
+            ["--data_path", str(out / "pretrain_data"), *cfg["model"], *cfg["student"], *common, "--batch_size",
+             str(cfg["pre_batch"]), "--learning_rate", str(cfg["pre_lr"]), "--warmup_iters", "20", "--max_steps",
+             str(cfg["student_steps"]), "--out_dir", str(out / "student")])["output"]
+        students = {}
+        for name, alpha in (("SFT alone", 1.0), ("distilled", 0.3)):
+            result = script("7-distill.py").main(
+                ["--teacher", str(sft), "--init_from", student, "--data_path", str(data / "sft_data.jsonl"), *chat_common,
+                 "--out_dir", str(out / f"student_{'sft' if alpha == 1 else 'distilled'}"), "--batch_size", "16",
+                 "--learning_rate", str(cfg["sft_lr"]), "--warmup_iters", "10", "--max_steps",
+                 str(cfg["distill_steps"]), "--epochs", "1000", "--freeze_embeddings", "--alpha", str(alpha),
+                 "--temperature", "2"])
+            students[name] = accuracy(result["output"])[1]
+        summary["distillation: half-width student, held-out fact QA"] = \
+            f"SFT alone {students['SFT alone']}; distilled {students['distilled']}"
 
-    with timer.stage("export"):
-        summary["exports"] = export_checks(dpo, tok, out / "export")
+    if not args.learning_only:
+        with timer.stage("chat samples"):
+            chat = script("2-eval.py")
+            chat.main(["--ckpt", str(final_model), "--tokenizer", str(tok), "--device", "cpu", "--temperature", "0",
+                       "--max_new_tokens", "40"])  # the demo world's own questions (2-eval.py knows a demo model)
+            chat.main(["--ckpt", str(final_model), "--tokenizer", str(tok), "--device", "cpu", "--temperature", "0",
+                       "--max_new_tokens", "48", "--tools", "demo", "--prompt", tool_questions[0]["question"]])
 
-    with timer.stage("server round trip"):
-        from openai import OpenAI
+        with timer.stage("C-Eval-format eval"):
+            result = script("eval_ceval.py").main(["--ckpt", str(final_model), "--tokenizer", str(tok), "--device",
+                                                   "cpu", "--data_dir", str(data / "ceval"), "--out_dir",
+                                                   str(out / "ceval")])
+            summary["C-Eval-format accuracy (demo val, chance 25%)"] = \
+                f"{result['accuracy']:.1%} ({result['correct']}/{result['total']})"
 
-        server, thread, url = serve_in_thread(load_model(dpo), tokenizer)
+        with timer.stage("export"):
+            summary["exports"] = export_checks(final_model, tok, out / "export")
+            if "MISMATCH" in summary["exports"]:
+                failures.append("exports")
+
+        with timer.stage("server round trip"):
+            summary["server round trip"] = server_round_trip(load_model(final_model), tokenizer, failures)
+
+    images = out / "images"
+    images.mkdir(exist_ok=True)
+    for run in ("pretrain", "full_sft", "dpo", "grpo"):
+        for png in out.glob(f"{run}_*/loss.png"):
+            shutil.copy(png, images / f"demo_{run}_loss.png")
+    print_summary(timer.rows, summary, out, failures)
+    return not failures
+
+
+def sampled_accuracy(path, tokenizer, rows, seeds: int, seed: int) -> str:
+    """Held-out fact QA sampled as the chat scripts and the page sample (temperature 0.7, top-p 0.9), over
+    several seeds: whether a chat a user has gets the answers greedy decoding gets."""
+    from model.evaluation import fact_qa
+    from model.generate import SamplingParams
+    from model.loading import load_model
+
+    model, runs = load_model(path), []
+    for k in range(seeds):
+        runs.append(fact_qa(model, tokenizer, rows, params=SamplingParams(max_new_tokens=24, seed=seed * 1000 + k,
+                                                                          **CHAT_SAMPLING)))
+    en, zh = (sum(r[lang] for r in runs) / len(runs) for lang in ("en", "zh"))
+    return f"EN {en:.0%} / ZH {zh:.0%} (mean of {seeds} seeds, temperature 0.7, top-p 0.9)"
+
+
+def identity_answers(path, tokenizer, samples: int, seed: int) -> str:
+    """How often a sampled answer to "Who are you?" / "你是谁？" is the one SFT taught."""
+    from model.demo_corpus import IDENTITY
+    from model.evaluation import chat_prompt
+    from model.generate import SamplingParams, generate_text
+    from model.loading import load_model
+
+    model, parts = load_model(path), []
+    for question, answer in IDENTITY:
+        params = [SamplingParams(max_new_tokens=32, seed=seed + k, **CHAT_SAMPLING) for k in range(samples)]
+        outputs = generate_text(model, tokenizer, [chat_prompt(tokenizer, question)] * samples, params)
+        parts.append(f"{sum(o['text'].strip() == answer for o in outputs)}/{samples}")
+    return " / ".join(parts) + " exactly as taught"
+
+
+def sum_accuracy(path, tokenizer, rows) -> float:
+    """Greedy answers to one-digit sums whose last number is the sum."""
+    from model.evaluation import chat_prompt
+    from model.generate import SamplingParams, generate_text
+    from model.loading import load_model
+    from model.rl import numbers_in
+
+    outputs = generate_text(load_model(path), tokenizer, [chat_prompt(tokenizer, r["prompt"]) for r in rows],
+                            SamplingParams(max_new_tokens=16))
+    return sum(bool(numbers_in(o["text"])) and numbers_in(o["text"])[-1] == r["answer"]
+               for o, r in zip(outputs, rows)) / len(rows)
+
+
+def server_round_trip(model, tokenizer, failures: list) -> str:
+    """A question and a tool call through the OpenAI client; an empty answer or no call is a failure."""
+    from openai import BadRequestError, OpenAI
+
+    from model.tools import DEMO_TOOLS
+
+    server, thread, url = serve_in_thread(model, tokenizer)
+    try:
+        client = OpenAI(base_url=url, api_key="none")
+        reply = client.chat.completions.create(
+            model="minimind", messages=[{"role": "user", "content": "What is the capital of Italy?"}],
+            max_tokens=24, temperature=0)
+        text = reply.choices[0].message.content or ""
+        print(f"POST {url}/chat/completions -> {text!r}")
         try:
-            reply = OpenAI(base_url=url, api_key="none").chat.completions.create(
-                model="minimind", messages=[{"role": "user", "content": "What is the capital of Italy?"}],
-                max_tokens=24, temperature=0)
-            text = reply.choices[0].message.content
-            print(f"POST {url}/chat/completions -> {text!r}")
-            summary["server round trip"] = f"ok: {text!r}"
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
-
-    if images:
-        images.mkdir(parents=True, exist_ok=True)
-        for run in ("pretrain", "full_sft", "dpo"):
-            for png in out.glob(f"{run}_*/loss.png"):
-                shutil.copy(png, images / f"demo_{run}_loss.png")
-    print_summary(timer.rows, summary, out)
-    return summary
+            called = client.chat.completions.create(
+                model="minimind", messages=[{"role": "user", "content": "What is 4521 plus 376?"}],
+                tools=DEMO_TOOLS, max_tokens=48, temperature=0).choices[0]
+            calls = called.message.tool_calls or []
+            shown = f"{calls[0].function.name}({calls[0].function.arguments})" if calls else \
+                repr(called.message.content)
+            tool_line = f"{called.finish_reason} {shown}"
+        except BadRequestError as e:  # --tiny's 64-token context cannot hold the tools' descriptions
+            calls, tool_line = None, f"not asked ({e.body['message'] if isinstance(e.body, dict) else e})"
+        print(f"POST with tools -> {tool_line}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    if not text.strip():
+        failures.append("server round trip")
+        return "FAILED: an empty answer"
+    return f"ok: {text!r}; with tools: {tool_line}"
 
 
 def export_checks(ckpt, tok, out) -> str:
@@ -241,7 +372,7 @@ def export_checks(ckpt, tok, out) -> str:
     return "; ".join(checks)
 
 
-def print_summary(rows, summary, out):
+def print_summary(rows, summary, out, failures=()):
     width = max(len(k) for k in list(summary) + [r[0] for r in rows]) + 2
     print("\n" + "=" * 78 + "\nMiniMind demo summary\n" + "=" * 78)
     print(f"{'stage':<{width}} seconds")
@@ -250,12 +381,16 @@ def print_summary(rows, summary, out):
     print(f"{'total':<{width}} {sum(s for _, s in rows):7.1f}\n")
     for k, v in summary.items():
         print(f"{k:<{width}} {v}")
-    print(f"\noutputs in {out}")
+    if failures:
+        print(f"\nFAILED: {', '.join(failures)}")
+    print(f"\noutputs in {out}; loss curves in {out / 'images'}")
     with open(out / "summary.json", "w") as f:
-        json.dump({"seconds": dict(rows), **summary}, f, indent=2, ensure_ascii=False)
+        json.dump({"seconds": dict(rows), **summary, "failures": list(failures)}, f, indent=2, ensure_ascii=False)
 
 
 if __name__ == "__main__":
+    import sys
+
     from model.errors import run_script
 
-    run_script(main)
+    run_script(lambda: sys.exit(0 if main() else 1))

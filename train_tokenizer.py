@@ -5,6 +5,7 @@
 import argparse
 import itertools
 import time
+import sys
 
 from model import quiet_third_party
 
@@ -22,6 +23,8 @@ def main(argv=None):
     parser.add_argument("--out_dir", default="model/minimind_tokenizer")
     parser.add_argument("--isolate_cjk", action="store_true",
                         help="one token per Chinese character at most (default: BPE merges characters, as upstream)")
+    parser.add_argument("--individual_digits", action="store_true",
+                        help="one token per digit, as Llama's tokenizer (default: BPE merges digits, as upstream)")
     parser.add_argument("--held_out_every", type=int, default=50,
                         help="every n-th row is kept out of training to measure characters per token")
     args = parser.parse_args(argv)
@@ -29,7 +32,8 @@ def main(argv=None):
     start = time.time()
     n = args.held_out_every
     bad = BadRows()
-    tokenizer = train_bpe(read_texts(args.data, skip_every=n, bad=bad), args.vocab_size, isolate_cjk=args.isolate_cjk)
+    tokenizer = train_bpe(read_texts(args.data, skip_every=n, bad=bad), args.vocab_size, isolate_cjk=args.isolate_cjk,
+                          individual_digits=args.individual_digits, show_progress=sys.stderr.isatty())  # in a log file its bars are only blank lines
     if bad.total:
         print(f"{args.data}: {bad.report()}")
     fast = wrap(tokenizer)

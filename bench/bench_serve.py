@@ -2,7 +2,7 @@
 at 1, 4, 16 and 32 concurrent streaming clients, for continuous batching (the server's default, --max_batch 16)
 against one request at a time (--max_batch 1, the baseline), measured one after the other in the same run.
 
-    python bench/bench_serve.py [--ckpt out/demo/full_sft_256.safetensors] [--requests 32] [--max_tokens 64]
+    python bench/bench_serve.py [--ckpt out/demo/full_sft_256.safetensors] [--requests 64] [--max_tokens 64]
 
 Without --ckpt it serves a randomly initialised minimind-v1-small (26M) with the default tokenizer.
 """
@@ -19,6 +19,10 @@ from pathlib import Path
 
 import httpx
 from common import ROOT, machine, table
+
+from model import quiet_third_party
+
+quiet_third_party()  # before torch and transformers load: their import-time notices mean nothing here
 
 
 def start(ckpt, extra):
@@ -55,10 +59,16 @@ def one_request(url, i, max_tokens):
     return first or (time.perf_counter() - start), time.perf_counter() - start, tokens
 
 
+def answer_length(i: int, mean: int) -> int:
+    """Request i's max_tokens: from half to one and a half times the mean, spread evenly. Answers of one length
+    would all end in the same step and come back as one burst (as no real load does)."""
+    return mean // 2 + (i * 37) % (mean + 1)
+
+
 def load(url, clients, requests, max_tokens):
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: one_request(url, i, max_tokens), range(requests)))
+        results = list(pool.map(lambda i: one_request(url, i, answer_length(i, max_tokens)), range(requests)))
     wall = time.perf_counter() - start
     ttft = sorted(r[0] for r in results)
     return {"rps": requests / wall, "ttft": statistics.median(ttft), "p90": ttft[int(0.9 * (len(ttft) - 1))],
@@ -68,9 +78,10 @@ def load(url, clients, requests, max_tokens):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default=None)
-    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
-    parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument("--max_tokens", type=int, default=64, help="the mean answer length (from half to 1.5x)")
     parser.add_argument("--clients", default="1,4,16,32")
+    parser.add_argument("--dtype", default="float32", help="the servers' --dtype (bfloat16: bf16 weights)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     ckpt = args.ckpt
@@ -89,14 +100,15 @@ def main():
     results = {}
     for name, extra in (("one at a time (--max_batch 1, baseline)", ["--max_batch", "1"]),
                         ("continuous batching (--max_batch 16)", ["--max_batch", "16"])):
-        proc, url = start(ckpt, ["--context_length", "1024", "--max_queue", "256", *extra])
+        proc, url = start(ckpt, ["--context_length", "1024", "--max_queue", "256", "--dtype", args.dtype, *extra])
         try:
             one_request(url, -1, 4)  # warm-up
             results[name] = {clients: load(url, clients, args.requests, args.max_tokens) for clients in levels}
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    print(f"\n{args.requests} streaming requests per level, {args.max_tokens} new tokens each, greedy:")
+    print(f"\n{args.requests} streaming requests per level, {args.max_tokens // 2}-{args.max_tokens * 3 // 2} new tokens "
+          f"each (mean {args.max_tokens}), greedy, {args.dtype}:")
     rows = []
     for name, by_level in results.items():
         single = by_level[levels[0]]

@@ -16,12 +16,18 @@ def quiet_third_party():
     transformers imports torchao (our int8 option) whenever it is installed; torchao then tries its CUDA-only
     kernel libraries and torch flags its Enum registrations. peft, on every adapter: it still reads a transformers
     property deprecated in v5, and it looks for a config.json beside the base model to see whether the vocabulary
-    grew (ours is a safetensors file with the config inside, and LoRA never changes the vocabulary)."""
+    grew (ours is a safetensors file with the config inside, and LoRA never changes the vocabulary).
+    A script calls it at its entry point: it sets logging filters and one environment default."""
     import logging
+    import os
     import warnings
 
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed, imported by transformers' integrations whenever installed, announces it found no GPU; its logger
+    # resets its level on creation, a filter stays.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars for loading a few tensors
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="Could not find a config file in .* will assume that the vocabulary",
                             category=UserWarning)

@@ -9,12 +9,14 @@ import csv
 import json
 import random
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .io import atomic_writer
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+DEMO_MARKER = ".minimind_demo"  # in every --out_dir demo.py makes: the only kind of folder it replaces
 CONTINENT_ZH = {"Asia": "亚洲", "Europe": "欧洲", "Africa": "非洲", "North America": "北美洲",
                 "South America": "南美洲", "Oceania": "大洋洲"}
 
@@ -162,6 +164,26 @@ def fill(template: str, country: Country, lang: str) -> str:
     return template.format(c=country.name_zh, cap=country.capital_zh, cont=country.continent_zh)
 
 
+def population(country: Country) -> int:
+    """The demo world's census: an invented population per country, stated in no text of the corpus, so that only
+    the lookup tool knows it (model/tools.py) and a model can answer only by calling it."""
+    return (zlib.crc32(country.name.encode()) % 9_000 + 100) * 10_000
+
+
+# Tool-call answers: the question's numbers, or the tool's result, copied into a sentence.
+CALC_Q = {("en", "+"): "What is {a} plus {b}?", ("zh", "+"): "{a}加{b}等于多少？",
+          ("en", "*"): "What is {a} times {b}?", ("zh", "*"): "{a}乘以{b}等于多少？"}
+CALC_A = {("en", "+"): "{a} plus {b} equals {v}.", ("zh", "+"): "{a}加{b}等于{v}。",
+          ("en", "*"): "{a} times {b} equals {v}.", ("zh", "*"): "{a}乘以{b}等于{v}。"}
+POPULATION_Q = {"en": "What is the population of {c}?", "zh": "{c}有多少人口？"}
+POPULATION_A = {"en": "The population of {c} is {v}.", "zh": "{c}的人口是{v}。"}
+ADDITION_Q = {"en": "What is {a} plus {b}?", "zh": "{a}加{b}等于多少？"}  # one-digit sums, answered from memory
+
+
+def calc_operands(op: str, rng: random.Random) -> tuple[int, int]:
+    return (rng.randint(100, 9999), rng.randint(100, 9999)) if op == "+" else (rng.randint(10, 999), rng.randint(2, 99))
+
+
 # ------------------------------------------------------------------------------------------------- the world
 class DemoWorld:
     def __init__(self, seed: int = 42, held_out: int = 48):
@@ -173,6 +195,10 @@ class DemoWorld:
         self.held_out = sorted(order[:held_out], key=lambda c: c.name)
         self.train = sorted(order[held_out:], key=lambda c: c.name)
         self.countries = countries
+        # One-digit sums: SFT and GRPO see 70 of the 100 ordered pairs, GRPO's held-out questions the other 30.
+        pairs = [(a, b) for a in range(10) for b in range(10)]
+        rng.shuffle(pairs)
+        self.sums_held_out, self.sums_train = sorted(pairs[:30]), sorted(pairs[30:])
 
     # -- pretraining prose
     def sentences(self, lang: str) -> list[str]:
@@ -218,7 +244,7 @@ class DemoWorld:
                 pairs.append((fill(q, c, lang), continent_answer(c, lang)))
         for _, _, qen, aen, qzh, azh in GENERAL_FACTS:  # few facts, so each is asked several times
             pairs += [(qen, aen), (qzh, azh)] * 4
-        for a, b in [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(40)]:
+        for a, b in rng.sample(self.sums_train, 40):
             pairs += [(f"What is {a} plus {b}?", f"{a} plus {b} equals {a + b}."), (f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。")]
         pairs += IDENTITY * 10
         return pairs
@@ -238,6 +264,59 @@ class DemoWorld:
                 history = [list(p) for p in rng.sample(pairs, rng.randint(1, 2))]
             rows.append({"id": f"demo-sft-{i}", "instruction": q, "input": "", "output": a, "history": history})
         return rows
+
+    # -- tools (model/tools.py): calls the model cannot replace by memory
+    @staticmethod
+    def tool_call(lang: str, op: str | None, a=None, b=None, country: Country | None = None):
+        """(the call, its result, the final answer) of a calculator (op + or *) or population question."""
+        from .tools import calculator, lookup
+
+        if op:
+            expression = f"{a}{op}{b}"
+            call = {"name": "calculator", "arguments": {"expression": expression}}
+            value = calculator(expression)
+            return call, value, CALC_A[lang, op].format(a=a, b=b, v=value)
+        name = country.name if lang == "en" else country.name_zh
+        call = {"name": "lookup", "arguments": {"country": name, "field": "population"}}
+        value = lookup(name, "population")
+        return call, value, POPULATION_A[lang].format(c=name, v=value)
+
+    def tool_questions(self, countries, rng, per_language: int, calc_share: float = 0.5):
+        """[{"lang", "question", "call", "result", "answer"}]: calculator sums and products with fresh numbers, and
+        the populations of `countries`, in both languages."""
+        rows = []
+        for lang in ("en", "zh"):
+            calc = round(per_language * calc_share)
+            for i in range(calc):
+                op = "+" if i % 3 else "*"
+                a, b = calc_operands(op, rng)
+                call, value, answer = self.tool_call(lang, op, a, b)
+                rows.append({"lang": lang, "question": CALC_Q[lang, op].format(a=a, b=b), "call": call,
+                             "result": value, "answer": answer})
+            for c in rng.sample(countries, min(per_language - calc, len(countries))):
+                call, value, answer = self.tool_call(lang, None, country=c)
+                rows.append({"lang": lang, "question": POPULATION_Q[lang].format(c=c.name if lang == "en" else c.name_zh),
+                             "call": call, "result": value, "answer": answer})
+        return rows
+
+    def tool_sft_rows(self, rng, per_language: int = 150):
+        """SFT conversations in upstream's tool format: the tools on the row, the assistant's call, the tool's
+        result, the answer in a sentence. Populations of the SFT countries only."""
+        from .tools import DEMO_TOOLS
+
+        rows = []
+        for i, q in enumerate(self.tool_questions(self.train, rng, per_language)):
+            rows.append({"id": f"demo-tool-{i}", "tools": DEMO_TOOLS, "messages": [
+                {"role": "user", "content": q["question"]},
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": q["call"]}]},
+                {"role": "tool", "content": q["result"]},
+                {"role": "assistant", "content": q["answer"]}]})
+        return rows
+
+    # -- GRPO: one-digit sums, a skill SFT leaves half done
+    def sum_prompts(self, pairs):
+        return [{"prompt": ADDITION_Q[lang].format(a=a, b=b), "answer": str(a + b), "lang": lang}
+                for a, b in pairs for lang in ("en", "zh")]
 
     def held_out_questions(self):
         """The measuring stick: capitals of countries whose facts only pretraining has seen."""
@@ -289,6 +368,13 @@ class DemoWorld:
         return row
 
 
+def tool_text(row: dict) -> str:
+    """A tool conversation as the chat template renders it (the tokenizer learns its tags and JSON as pieces)."""
+    from .tokenizer import render_chat
+
+    return "".join(text for text, _ in render_chat(row["messages"], row["tools"]))
+
+
 def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: int = 48) -> dict:
     """Write every demo file; returns {name: (path, rows)}."""
     out = Path(out_dir)
@@ -307,13 +393,18 @@ def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: in
 
     jsonl("pretrain_data.jsonl", ({"text": t} for t in world.pretrain_documents(pretrain_repeats, rng)))
     sft = world.sft_rows(rng)
-    jsonl("sft_data.jsonl", sft)
+    tool_rows = world.tool_sft_rows(rng)
+    jsonl("sft_data.jsonl", sft + tool_rows)  # both formats, as data_process.py sft reads them
+    jsonl("tool_held_out.jsonl", world.tool_questions(world.held_out, random.Random(seed + 1), 24))
+    jsonl("grpo_prompts.jsonl", world.sum_prompts(world.sums_train))
+    jsonl("grpo_held_out.jsonl", world.sum_prompts(world.sums_held_out))
     jsonl("held_out.jsonl", world.held_out_questions())
     jsonl("dpo_data.jsonl", world.dpo_rows(world.train, rng))
     jsonl("dpo_held_out.jsonl", world.dpo_rows(world.held_out, rng))
     # The tokenizer sees a sample of everything it will have to encode: prose and chat turns.
     tokenizer_texts = list(world.pretrain_documents(3, rng))
     tokenizer_texts += [f"{r['instruction']}\n{r['output']}" for r in sft]
+    tokenizer_texts += [tool_text(r) for r in tool_rows]
     jsonl("tokenizer_train.jsonl", ({"text": t} for t in tokenizer_texts))
     for split, countries in (("dev", world.train[:5]), ("val", world.held_out)):
         for subject, rows in world.ceval_rows(countries, rng).items():

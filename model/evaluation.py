@@ -1,6 +1,7 @@
 """Measurements: held-out fact QA on the demo world, C-Eval style multiple choice, DPO preference margins."""
 import csv
 import json
+from dataclasses import replace
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,8 +20,10 @@ def chat_prompt(tokenizer, question: str, history=(), system: str | None = None)
     return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
 
 
-def fact_qa(model, tokenizer, rows: list[dict], batch_size: int = 32, max_new_tokens: int = 24) -> dict:
-    """Greedy answers to held-out questions; a hit names exactly one capital, the right one.
+def fact_qa(model, tokenizer, rows: list[dict], batch_size: int = 32, max_new_tokens: int = 24,
+            params: SamplingParams | None = None) -> dict:
+    """Answers to held-out questions, greedy unless `params` say otherwise; a hit names exactly one capital, the
+    right one.
 
     Returns {"en": accuracy, "zh": accuracy, "all": accuracy, "answers": [...]}.
     """
@@ -28,10 +31,13 @@ def fact_qa(model, tokenizer, rows: list[dict], batch_size: int = 32, max_new_to
 
     finder = EntityFinder()
     answers, hits = [], defaultdict(list)
+    params = params or SamplingParams(max_new_tokens=max_new_tokens)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         prompts = [chat_prompt(tokenizer, r["question"]) for r in chunk]
-        outputs = generate_text(model, tokenizer, prompts, SamplingParams(max_new_tokens=max_new_tokens))
+        seeded = params if params.seed is None else [replace(params, seed=params.seed + start + i)
+                                                     for i in range(len(chunk))]
+        outputs = generate_text(model, tokenizer, prompts, seeded)
         for r, out in zip(chunk, outputs):
             hit = finder.exact_match(out["text"], r["answer"])
             hits[r["lang"]].append(hit)
@@ -40,6 +46,52 @@ def fact_qa(model, tokenizer, rows: list[dict], batch_size: int = 32, max_new_to
     result["all"] = sum(sum(v) for v in hits.values()) / max(1, sum(len(v) for v in hits.values()))
     result["answers"] = answers
     return result
+
+
+def tool_use(model, tokenizer, rows: list[dict], batch_size: int = 32, max_new_tokens: int = 48) -> dict:
+    """Held-out tool questions (the demo's calculator and population lookup), greedy, with the demo tools in the
+    prompt: a right call names the right tool with arguments that give the right result; a right answer, after the
+    call's result comes back, ends with the right number. A question answered without a call counts for neither
+    (the model cannot know these numbers).
+
+    Returns {"calls": {lang: share}, "answers": {lang: share}, "rows": [...]}.
+    """
+    from .rl import numbers_in
+    from .tool_calls import parse_calls
+    from .tools import DEMO_FUNCTIONS, DEMO_TOOLS, run_tool_call
+
+    names, params = set(DEMO_FUNCTIONS), SamplingParams(max_new_tokens=max_new_tokens)
+    out, calls, answers = [], defaultdict(list), defaultdict(list)
+
+    def prompt(messages):
+        return tokenizer.apply_chat_template(messages, tools=DEMO_TOOLS, tokenize=True,
+                                             add_generation_prompt=True)["input_ids"]
+
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        firsts = generate_text(model, tokenizer, [prompt([{"role": "user", "content": r["question"]}]) for r in chunk],
+                               params)
+        follow, results = [], []
+        for r, first in zip(chunk, firsts):
+            made = parse_calls(first["text"], names)
+            result = run_tool_call(made[0]) if made and len(made) == 1 else None
+            results.append((made, result))
+            if result is not None:
+                follow.append(prompt([{"role": "user", "content": r["question"]},
+                                      {"role": "assistant", "content": "", "tool_calls": made},
+                                      {"role": "tool", "content": result}]))
+        finals = iter(generate_text(model, tokenizer, follow, params) if follow else [])
+        for r, first, (made, result) in zip(chunk, firsts, results):
+            final = next(finals)["text"] if result is not None else first["text"]
+            right_call = result is not None and made[0]["name"] == r["call"]["name"] and result == r["result"]
+            found = numbers_in(final)
+            right_answer = right_call and bool(found) and found[-1] == r["result"]
+            calls[r["lang"]].append(right_call)
+            answers[r["lang"]].append(right_answer)
+            out.append({**r, "first": first["text"], "final": final, "right_call": right_call,
+                        "right_answer": right_answer})
+    share = lambda d: {lang: sum(v) / len(v) for lang, v in d.items()}  # noqa: E731
+    return {"calls": share(calls), "answers": share(answers), "rows": out}
 
 
 # ------------------------------------------------------------------------------------------------------ C-Eval
@@ -86,7 +138,8 @@ def ceval_evaluate(model, tokenizer, data_dir, split: str = "val", shots: int = 
     device = next(model.parameters()).device
     jobs = [(name, row) for name, rows in subjects.items() for row in rows]
     results, per_subject = [], defaultdict(lambda: [0, 0])
-    bar = tqdm(total=len(jobs), desc=f"C-Eval {split}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(jobs), desc=f"C-Eval {split}", disable=None if progress else True,
+               dynamic_ncols=True)  # None: no bar where stderr is a log file
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         prompts = [ceval_prompt(tokenizer, row, dev.get(name, [])[:shots], template)[-max_length:]

@@ -382,11 +382,11 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             targets = next_token_targets(labels).flatten()
-            if num_items_in_batch is None:  # the mean over this batch's labelled tokens
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=-100)
-            else:  # a trainer that accumulates gradients divides by the labelled tokens of the whole step
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=-100,
-                                       reduction="sum") / num_items_in_batch
+            if num_items_in_batch is None:  # the mean over this batch's labelled tokens (0 if there are none)
+                num_items_in_batch = (targets != -100).sum().clamp(min=1)
+            # a trainer that accumulates gradients divides by the labelled tokens of the whole step
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=-100,
+                                   reduction="sum") / num_items_in_batch
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss
         return MiniMindOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,

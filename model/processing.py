@@ -138,7 +138,7 @@ def chinese_ratio(text: str) -> float:
 # ---------------------------------------------------------------------------------------------------- progress
 def progress(path, desc):
     return tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                dynamic_ncols=True, mininterval=0.5)
+                dynamic_ncols=True, mininterval=0.5, disable=None)  # None: no bar where stderr is a log file
 
 
 # ----------------------------------------------------------------------------------------------- sft and dpo

@@ -65,6 +65,8 @@ def init_weights_from(args, default_stage: str, config_hint):
     if not Path(path).exists() and not Path(path + ".safetensors").exists() and not Path(path).is_dir():
         raise FileNotFoundError(f"no starting weights at {path}: run the {default_stage} stage first or pass --init_from")
     model = load_model(path)
+    if config_hint.max_seq_len > model.config.max_seq_len:  # trained on longer rows now: the config says so
+        model.config.max_seq_len = config_hint.max_seq_len
     if args.dropout is not None:  # the modules were built with the checkpoint's rate
         set_dropout(model, args.dropout)
     return model.train(), path
@@ -143,8 +145,11 @@ def sft_task(args):
               f"chat rows")
     name = output_name("full_sft", model.config)
     save = safetensors_saver(name, tokenizer_metadata(args.tokenizer))
-    return model, Task(name, train, lm_loss, save, val_data=val, collate=collate)
+    return model, Task(name, train, lm_loss, save, val_data=val, collate=collate, plot_note=SFT_NOTE)
 
+
+# Why an SFT run's training loss ends below its validation loss: the training rows come round every epoch.
+SFT_NOTE = "train: batches of rows seen again every epoch; validation: held-out rows, never trained on"
 
 LORA_TARGETS = "wq,wk,wv,wo,w1,w2,w3"  # attention and FFN projections
 
@@ -188,7 +193,7 @@ def lora_task(args):
     train, val, collate = chat_data(args, load_tokenizer_for(args))
     name = output_name("lora_sft", base.config)
     save = adapter_saver(name, args.merge, tokenizer_metadata(args.tokenizer))
-    return model, Task(name, train, lm_loss, save, val_data=val, collate=collate)
+    return model, Task(name, train, lm_loss, save, val_data=val, collate=collate, plot_note=SFT_NOTE)
 
 
 # ------------------------------------------------------------------------------------------------------- DPO
@@ -264,7 +269,9 @@ def dpo_task(args):
     save = adapter_saver(name, True, meta) if reference is None else safetensors_saver(name, meta)
     return model, Task(name, train, dpo_loss(args.beta, args.label_smoothing), save, val_data=val,
                        collate=partial(dpo_collate, pad_id=tokenizer.pad_token_id or 0),
-                       frozen={} if reference is None else {"reference": reference})
+                       frozen={} if reference is None else {"reference": reference},
+                       plot_note="reward accuracy: how often the chosen answer gets the larger implicit reward",
+                       plot_metric="reward_accuracy")
 
 
 # ------------------------------------------------------------------------------------------------------ GRPO
@@ -431,7 +438,9 @@ def grpo_task(args):
     return model, Task(name, train, loss, save, val_data=val, collate=partial(prompt_collate,
                                                                              pad_id=tokenizer.pad_token_id or 0),
                        count_tokens=loss.count_tokens, frozen={"reference": reference} if reference is not None else {},
-                       repeat=args.iterations, state=loss.state, load_state=loss.load_state)
+                       repeat=args.iterations, state=loss.state, load_state=loss.load_state,
+                       plot_note="the loss is about 0 by construction (advantages are centred); the reward rises",
+                       plot_metric="reward")
 
 
 # -------------------------------------------------------------------------------------------- distillation
@@ -454,10 +463,8 @@ def distill_task(args):
 
     seed_everything(args.seed)
     teacher = load_model(args.teacher).eval().requires_grad_(False)
-    if args.init_from:
-        student = load_model(args.init_from).train()
-    else:
-        student = MiniMindForCausalLM(model_config_from_args(args, max_seq_len=args.max_seq_len)).train()
+    hint = model_config_from_args(args, max_seq_len=args.max_seq_len)
+    student = init_weights_from(args, "full_sft", hint)[0] if args.init_from else MiniMindForCausalLM(hint).train()
     if student.config.vocab_size != teacher.config.vocab_size:
         raise InputError(f"the teacher's vocabulary ({teacher.config.vocab_size}) is not the student's "
                          f"({student.config.vocab_size}): distillation compares their next-token distributions")

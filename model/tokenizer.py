@@ -65,7 +65,8 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 CJK = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool = True, isolate_cjk: bool = False):
+def train_bpe(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool = True, isolate_cjk: bool = False,
+              individual_digits: bool = False):
     """Train byte-level BPE on an iterator of texts (streamed: only word counts are kept in memory).
 
     isolate_cjk: Chinese has no spaces, so BPE merges runs of characters freely (upstream's behaviour, good
@@ -74,13 +75,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool 
     a character (one token per character); the learned merges then never join two characters, so plain
     GPT-2-style pre-tokenization (llama.cpp's) encodes the same. On the demo it cost more than it gained:
     60% more tokens per epoch and lower held-out accuracy in the same time, so it is off by default.
+
+    individual_digits: one token per digit, as Llama's and Qwen's tokenizers do. A number then reads the same
+    digit tokens wherever it stands (" 49", "(49" and '"49' share "4" "9"), so copying a number from a question
+    into a tool call is copying tokens; with merged digits a small model has to learn every spelling. As with
+    isolate_cjk, no merge ever joins a digit, so GPT-2-style pre-tokenization still encodes the same ids.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CJK), "isolated"), byte_level])
-                               if isolate_cjk else byte_level)
+    splits = [pre_tokenizers.Split(Regex(CJK), "isolated")] if isolate_cjk else []
+    if individual_digits:
+        splits.append(pre_tokenizers.Digits(individual_digits=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level]) if splits else byte_level
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

@@ -2,7 +2,8 @@
 that runs a call a model made: `run_tool_call(call) -> text`, the result or an error the model can read.
 
     calculator("12*(3+4)")            -> "84"       integers with + - * and parentheses, parsed with `ast`, never eval
-    lookup("France", "capital")       -> "Paris"    the demo world's facts (model/demo_corpus.py), English or Chinese
+    lookup("France", "capital")       -> "Paris"    the demo world's facts (model/demo_corpus.py), English or Chinese;
+                                                    its populations are known only to this tool
 """
 import ast
 import functools
@@ -10,7 +11,7 @@ import json
 import operator
 
 MAX_EXPRESSION = 200  # characters: multiplying 200 digits is instant, and the answer still fits the context
-FIELDS = ("capital", "continent")
+FIELDS = ("capital", "continent", "population")
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
 DEMO_TOOLS = [
@@ -19,7 +20,7 @@ DEMO_TOOLS = [
         "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
                        "required": ["expression"]}}},
     {"type": "function", "function": {
-        "name": "lookup", "description": "A country's capital or continent.",
+        "name": "lookup", "description": "A country's capital, continent or population.",
         "parameters": {"type": "object", "properties": {"country": {"type": "string"},
                                                         "field": {"type": "string", "enum": list(FIELDS)}},
                        "required": ["country", "field"]}}},
@@ -53,10 +54,12 @@ def calculator(expression: str) -> str:
 def _facts() -> dict:
     from .demo_corpus import load_countries
 
+    from .demo_corpus import population
+
     facts = {}
     for c in load_countries():
-        facts[c.name.casefold()] = (c.capital, c.continent)
-        facts[c.name_zh] = (c.capital_zh, c.continent_zh)
+        facts[c.name.casefold()] = (c.capital, c.continent, str(population(c)))
+        facts[c.name_zh] = (c.capital_zh, c.continent_zh, str(population(c)))
     return facts
 
 

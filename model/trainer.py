@@ -14,6 +14,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults):
     g.add_argument("--use_wandb", action="store_true")
     g.add_argument("--wandb_project", default="MiniMind")
     g.add_argument("--num_workers", type=int, default=0)
+    g.add_argument("--group_by_length", action="store_true",
+                   help="batch rows of similar length (less padding; transformers' Trainer flag of that name)")
     g.add_argument("--data_path", default=None)
     g.add_argument("--val_path", default=None, help="validation data (default: the stage's own held-out split)")
     g.add_argument("--accumulation_steps", type=int, default=1)
@@ -127,6 +130,8 @@ class Task:
     repeat: int = 1
     state: Callable | None = None  # () -> a picklable dict of tensors and plain values
     load_state: Callable | None = None  # (that dict) -> None
+    plot_note: str = ""  # under the loss plot's title: what its curves are
+    plot_metric: str | None = None  # a metric drawn beside the loss (DPO's reward accuracy, GRPO's reward)
 
 
 class NonFiniteLoss(ReportedError, RuntimeError):
@@ -308,45 +313,73 @@ class ResumableSampler(DistributedSampler):
     """DistributedSampler (seeded shuffle per epoch, a disjoint slice per rank) that can skip what a run
     already consumed, so a resumed epoch continues with exactly the next batch."""
 
-    def __init__(self, dataset, num_replicas, rank, seed, shuffle=True, repeat: int = 1, group: int = 1):
+    def __init__(self, dataset, num_replicas, rank, seed, shuffle=True, repeat: int = 1, group: int = 1,
+                 sizes=None):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.repeat, self.group = repeat, group  # each run of `group` indices comes `repeat` times in a row
+        self.sizes = sizes  # given: batch rows of similar size (--group_by_length)
         self.start, self.end = 0, self.num_samples // group * group * repeat
 
     def __iter__(self):
         order = list(super().__iter__())
+        if self.sizes is not None:
+            order = self.grouped_by_size(order)
         if self.repeat > 1:
             groups = [order[i:i + self.group] for i in range(0, len(order) - self.group + 1, self.group)]
             order = [i for g in groups for _ in range(self.repeat) for i in g]
         return iter(order[self.start:self.end])
 
+    def grouped_by_size(self, order: list[int], megabatch: int = 50) -> list[int]:
+        """transformers' length-grouped sampling: the shuffled order cut into runs of 50 batches, each run sorted
+        by size, so that a batch pads to little more than its own rows; then the batches shuffled, so that long
+        and short ones keep alternating through the learning-rate schedule. Seeded by the epoch, as the order."""
+        import random
+
+        span = self.group * megabatch
+        runs = [sorted(order[i:i + span], key=lambda j: -self.sizes[j]) for i in range(0, len(order), span)]
+        batches = [run[i:i + self.group] for run in runs for i in range(0, len(run), self.group)]
+        partial = batches.pop() if len(batches[-1]) < self.group else []  # stays last: the epoch drops it
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(batches)
+        return [i for b in batches for i in b] + partial
+
     def __len__(self):
         return self.end - self.start
 
 
-def plot_metrics(metrics_file: Path, png: Path, title: str):
+def plot_metrics(metrics_file: Path, png: Path, title: str, note: str = "", second: str | None = None):
+    """The loss curves of a run, training and validation; `second` names a metric (e.g. DPO's reward accuracy)
+    drawn on a right-hand axis, training and validation too; `note` says under the title what the curves are."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, val = [], []
+    series = {"train loss": [], "validation loss": [], f"train {second}": [], f"validation {second}": []}
     for line in metrics_file.read_text().splitlines():
         row = json.loads(line)
-        if "loss" in row:
-            train.append((row["step"], row["loss"]))
-        if "val_loss" in row:
-            val.append((row["step"], row["val_loss"]))
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", lw=1.2)
+        for key, name in (("loss", "train loss"), ("val_loss", "validation loss"), (second, f"train {second}"),
+                          (f"val_{second}", f"validation {second}")):
+            if key and key in row:
+                series[name].append((row["step"], row[key]))
+    fig, ax = plt.subplots(figsize=(7, 4.3 if note else 4), dpi=100)
+    for name, style in (("train loss", "-"), ("validation loss", "o-")):
+        if series[name]:
+            ax.plot(*zip(*series[name]), style, label=name, lw=1.2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title(title)
+    ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if second and (series[f"train {second}"] or series[f"validation {second}"]):
+        right = ax.twinx()
+        for name, style in ((f"train {second}", "-"), (f"validation {second}", "s-")):
+            if series[name]:
+                right.plot(*zip(*series[name]), style, label=name.replace("_", " "), lw=1.0, color="tab:green",
+                           alpha=0.6 if name.startswith("train") else 1.0)
+        right.set_ylabel(second.replace("_", " "))
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     with atomic_writer(png, "wb") as f:
         fig.savefig(f, format="png")
@@ -367,6 +400,13 @@ class Trainer:
         self.run_dir = Path(args.out_dir) / task.name
         self.checkpoints = CheckpointManager(self.run_dir, args.keep_checkpoints)
         self.metrics_file = self.run_dir / "metrics.jsonl"
+        self.row_sizes = None
+        if getattr(args, "group_by_length", False):
+            from .dataset import row_sizes
+
+            self.row_sizes = row_sizes(task.train_data)
+            if self.row_sizes is None:
+                raise InputError(f"--group_by_length: {task.name}'s data has no row lengths (rows of a jsonl file only)")
 
         self.steps_per_epoch = len(self.make_sampler(0)) // args.batch_size // self.accum
         if self.steps_per_epoch == 0:
@@ -402,7 +442,8 @@ class Trainer:
 
     def make_sampler(self, epoch):
         sampler = ResumableSampler(self.task.train_data, self.world, self.rank, self.args.seed,
-                                   repeat=self.task.repeat, group=self.args.batch_size * self.accum)
+                                   repeat=self.task.repeat, group=self.args.batch_size * self.accum,
+                                   sizes=self.row_sizes)
         sampler.set_epoch(epoch)
         return sampler
 
@@ -507,6 +548,10 @@ class Trainer:
         self.tokens_seen, self.t_log = 0, time.time()
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        elif not self.args.quiet:
+            extra = "".join(f", {k} {row[k]:.3f}" for k in ("reward", "reward_accuracy") if k in row)
+            self.log(f"{self.task.name} step {self.step}/{self.total_steps}: loss {row['loss']:.4f}{extra}, "
+                     f"lr {row['lr']:.2e}, {row['tokens_per_s']:.0f} tokens/s")
 
     # -- evaluation
     @torch.no_grad()
@@ -537,7 +582,8 @@ class Trainer:
             self.record({"step": self.step, **val})
             self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
             if self.master:
-                plot_metrics(self.metrics_file, self.run_dir / "loss.png", self.task.name)
+                plot_metrics(self.metrics_file, self.run_dir / "loss.png", self.task.name, self.task.plot_note,
+                             self.task.plot_metric)
 
     # -- the loop
     def fit(self) -> dict:
@@ -552,7 +598,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.bar = None
-        if self.master and not args.quiet:
+        if self.master and not args.quiet and sys.stderr.isatty():  # elsewhere (a log file): a line per log step
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.task.name, dynamic_ncols=True)
@@ -648,7 +694,8 @@ class Trainer:
             output = self.task.save_final(self.raw_model, state, Path(self.args.out_dir))
             self.log(f"saved {output}")
             if self.metrics_file.exists():
-                plot_metrics(self.metrics_file, self.run_dir / "loss.png", self.task.name)
+                plot_metrics(self.metrics_file, self.run_dir / "loss.png", self.task.name, self.task.plot_note,
+                             self.task.plot_metric)
         if self.wandb is not None:
             self.wandb.finish()
         self.strategy.barrier()

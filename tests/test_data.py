@@ -24,8 +24,12 @@ def test_demo_files_parse_in_their_upstream_formats(demo_data):
     d = demo_data / "data"
     pre = rows(d / "pretrain_data.jsonl")
     assert pre and all(set(r) == {"text"} and isinstance(r["text"], str) and r["text"] for r in pre)
-    sft = rows(d / "sft_data.jsonl")
+    every = rows(d / "sft_data.jsonl")
+    sft = [r for r in every if "messages" not in r]  # deepctrl's rows; the tool rows are OpenAI conversations
+    tools = [r for r in every if "messages" in r]
     assert all(set(r) == {"id", "instruction", "input", "output", "history"} for r in sft)
+    assert tools and all(set(r) == {"id", "tools", "messages"} and r["messages"][1]["tool_calls"] and
+                         r["messages"][2]["role"] == "tool" for r in tools)
     assert all(isinstance(p, list) and len(p) == 2 for r in sft for p in r["history"])
     assert any(r["history"] for r in sft) and any(not r["history"] for r in sft)  # single- and multi-turn
     dpo = rows(d / "dpo_data.jsonl")
@@ -49,6 +53,9 @@ def check_held_out(d):
     pretrain_text = "\n".join(r["text"] for r in rows(d / "pretrain_data.jsonl"))
     answers = []
     for r in rows(d / "sft_data.jsonl"):
+        if "messages" in r:  # a tool conversation: what the assistant says and what the tools return
+            answers += [m["content"] for m in r["messages"] if m["role"] in ("assistant", "tool")]
+            continue
         answers.append(r["output"])
         answers += [a for _, a in r["history"]]
     taught = set(EntityFinder().capitals("\n".join(answers)))
@@ -318,3 +325,54 @@ def test_ranks_and_workers_see_disjoint_parts(demo_data):
         return [row.tolist() for batch in loader for row in batch["input_ids"]]
 
     assert windows(2) == windows(0)  # two workers split the batches: nothing repeated, nothing lost
+
+
+def test_group_by_length_pads_less_and_still_sees_every_row_once(demo_data):
+    """--group_by_length: the same rows each epoch, each once, in batches of similar length; seeded like the order."""
+    from torch.utils.data import Subset
+
+    from model.dataset import row_sizes
+    from model.trainer import ResumableSampler
+
+    tok = load_tokenizer(demo_data / "tokenizer")
+    data = SFTDataset(demo_data / "data" / "sft_data.jsonl", tok, 256)
+    train = Subset(data, list(range(0, len(data) // 16 * 16, 2)))  # as hold_out() gives it; whole batches
+    sizes = row_sizes(train)
+    assert len(sizes) == len(train) and sizes[1] == len(data.rows.raw(2))
+
+    def padded_tokens(sampler):
+        order = list(sampler)
+        lengths = [len(train[i]["input_ids"]) for i in order]
+        return order, sum(max(lengths[i:i + 8]) * 8 for i in range(0, len(lengths) - 7, 8))
+
+    def sampler(grouped, epoch=1):
+        s = ResumableSampler(train, 1, 0, seed=3, group=8, sizes=sizes if grouped else None)
+        s.set_epoch(epoch)
+        return s
+
+    grouped, grouped_pad = padded_tokens(sampler(True))
+    plain, plain_pad = padded_tokens(sampler(False))
+    assert sorted(grouped) == sorted(plain) and len(set(grouped)) == len(grouped)
+    assert grouped_pad < 0.8 * plain_pad
+    assert list(sampler(True)) == grouped and list(sampler(True, epoch=2)) != grouped
+
+
+def test_individual_digits_tokenizer_keeps_one_token_per_digit(demo_data):
+    """train_bpe(individual_digits=True): every digit is its own token wherever it stands, and GPT-2-style
+    pre-tokenization (the GGUF export's) gives the same ids, since no merge joins a digit."""
+    from tokenizers import pre_tokenizers
+
+    from model.tokenizer import read_texts, train_bpe
+
+    tokenizer = train_bpe(read_texts(demo_data / "data" / "tokenizer_train.jsonl"), 600, show_progress=False,
+                          individual_digits=True)
+    digits = {str(d): tokenizer.token_to_id(str(d)) for d in range(10)}
+    for text in ("What is 4521 plus 376?", '{"expression":"4521+376"}', "计算4521乘376"):
+        pieces = [tokenizer.id_to_token(i) for i in tokenizer.encode(text).ids]
+        assert [p for p in pieces if any(c in "0123456789" for c in p)] == list("4521376")
+    assert None not in digits.values()
+    ours = tokenizer.pre_tokenizer
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain_ids = tokenizer.encode("What is 4521 plus 376? 12.5% of 80").ids
+    tokenizer.pre_tokenizer = ours
+    assert tokenizer.encode("What is 4521 plus 376? 12.5% of 80").ids == plain_ids

@@ -17,20 +17,26 @@ def test_tiny_demo_runs_every_stage_and_summarises(tmp_path):
     out = done.stdout
     assert "MiniMind demo summary" in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    stages = ["demo data", "tokenizer", "pretrain", "SFT", "LoRA", "DPO", "chat samples", "C-Eval-format eval",
-              "export", "server round trip"]
+    stages = ["demo data", "tokenizer", "pretrain", "SFT", "LoRA", "DPO", "GRPO", "distillation", "chat samples",
+              "C-Eval-format eval", "export", "server round trip"]
     assert all(s in summary["seconds"] for s in stages)
     for key in ("pretrain val loss", "SFT val loss", "held-out fact QA, before SFT", "held-out fact QA, after SFT",
                 "DPO held-out reward accuracy (0% at the start)", "DPO held-out log-prob margin chosen-rejected",
-                "C-Eval-format accuracy (demo val, chance 25%)"):
+                "C-Eval-format accuracy (demo val, chance 25%)", "held-out fact QA, after SFT, sampled",
+                "held-out tool use, before SFT", "held-out tool use, after SFT", "GRPO held-out one-digit sums",
+                "distillation: half-width student, held-out fact QA"):
         assert key in summary, key
+    assert "calls EN" in summary["held-out tool use, after SFT"] and "%" in summary["GRPO held-out one-digit sums"]
+    assert "SFT alone" in summary["distillation: half-width student, held-out fact QA"]
+    assert summary["failures"] == []
     assert float(summary["pretrain val loss"]) > 0 and "EN" in summary["held-out fact QA, after SFT"]
     assert summary["exports"].startswith("hf ok") and "llama ok" in summary["exports"]
     assert "gguf 20 tensors" in summary["exports"]
     assert summary["server round trip"].startswith("ok")
     assert summary["C-Eval-format accuracy (demo val, chance 25%)"].endswith("/144)")
-    for name in ("pretrain_64.safetensors", "full_sft_64.safetensors", "dpo_64.safetensors", "lora_sft_64"):
-        assert (tmp_path / "demo" / name).exists()
+    for name in ("pretrain_64.safetensors", "full_sft_64.safetensors", "dpo_64.safetensors", "lora_sft_64",
+                 "grpo_64.safetensors", "images/demo_grpo_loss.png", "images/demo_full_sft_loss.png"):
+        assert (tmp_path / "demo" / name).exists(), name
     assert not (earlier / "stale.txt").exists() and (earlier / ".minimind_demo").exists()
 
 

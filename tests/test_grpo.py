@@ -47,10 +47,10 @@ def rewards(out):
 
 def test_grpo_raises_the_reward_of_a_toy_task(demo_data, grpo_setup, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(grpo_setup))
-    result = load_script("6-grpo_train.py").main(grpo_flags(demo_data, grpo_setup, tmp_path, "--max_steps", "20",
+    result = load_script("6-grpo_train.py").main(grpo_flags(demo_data, grpo_setup, tmp_path, "--max_steps", "30",
                                                             "--beta", "0.05"))
     seen = rewards(tmp_path)
-    assert len(seen) == 20 and sum(seen[-5:]) / 5 > sum(seen[:5]) / 5 + 0.3, seen
+    assert len(seen) == 30 and sum(seen[-5:]) / 5 > sum(seen[:5]) / 5 + 0.3, seen
     rows = [json.loads(line) for line in open(tmp_path / "grpo_64" / "metrics.jsonl")]
     assert {"reward_std", "accuracy", "kl", "clip_fraction", "completion_length"} <= set(rows[-1])
     assert rows[-1]["kl"] > 0  # the policy moved away from the reference

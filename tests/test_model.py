@@ -357,3 +357,16 @@ def test_cast_keeps_rope_frequencies_in_fp32(tmp_path, model):
     assert half.model.tok_embeddings.weight.dtype == torch.bfloat16 and half.model.inv_freq.dtype == torch.float32
     torch.testing.assert_close(half.model.inv_freq, model.model.inv_freq, atol=0, rtol=0)
     assert cast_model(copy.deepcopy(model), torch.float16).model.inv_freq.dtype == torch.float32
+
+
+def test_a_batch_without_labelled_tokens_has_loss_zero_not_nan():
+    """A chat row truncated before its answer labels nothing; a batch of only such rows (length-grouped batches
+    make them meet) must not stop training with a NaN."""
+    model = tiny_model()
+    ids = torch.randint(3, 100, (2, 8))
+    out = model(input_ids=ids, labels=torch.full_like(ids, -100))
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    labelled = model(input_ids=ids, labels=ids).loss
+    assert torch.isclose(labelled, torch.nn.functional.cross_entropy(
+        model(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))

@@ -1,0 +1,81 @@
+"""How much the demo's lesson depends on the seed: the demo's learning stages (demo.py --learning_only) for N
+seeds, one after the other, and the min / median / max of every held-out figure per language.
+
+    python bench/bench_demo_seeds.py [--seeds 42,7,123] [--keep]
+
+Each seed changes everything random: which countries are held out, the corpus's shuffling, the weights' init,
+the data order and the sampling. The figures quoted in the README are this script's output (the CPU is named).
+"""
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, machine, table
+
+PERCENT = re.compile(r"(EN|ZH|calls EN|calls ZH|answers EN|answers ZH)?\s*(\d+)%")
+
+
+def figures(summary: dict) -> dict:
+    """{(figure, part): value} for every percentage in the summary's lines, e.g. ("held-out fact QA, after SFT", "EN")."""
+    out = {}
+    for name, line in summary.items():
+        if not isinstance(line, str) or name == "failures":
+            continue
+        if name.startswith("GRPO"):  # "a% -> b% (...)"
+            before, after = re.findall(r"(\d+)%", line)[:2]
+            out[(name, "before")], out[(name, "after")] = int(before), int(after)
+            continue
+        if name.startswith("distillation"):
+            for part, text in (("SFT alone", line.split(";")[0]), ("distilled", line.split(";")[1])):
+                for lang, value in re.findall(r"(EN|ZH) (\d+)%", text):
+                    out[(name, f"{part} {lang}")] = int(value)
+            continue
+        for lang, value in re.findall(r"((?:calls |answers )?(?:EN|ZH)) (\d+)%", line):
+            out[(name, lang)] = int(value)
+        if not re.search(r"(EN|ZH) \d+%", line) and (m := re.match(r"(\d+)%", line)):
+            out[(name, "")] = int(m.group(1))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="42,7,123")
+    parser.add_argument("--keep", action="store_true", help="keep each seed's output folder")
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    root = Path(tempfile.mkdtemp(prefix="demo_seeds_"))
+    runs, seconds = {}, {}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        out = root / f"seed_{seed}"
+        start = time.time()
+        done = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--learning_only", "--seed", str(seed),
+                               "--out_dir", str(out)], cwd=ROOT, capture_output=True, text=True)
+        seconds[seed] = time.time() - start
+        if not (out / "summary.json").exists():
+            sys.exit(f"seed {seed}: the demo failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        runs[seed] = figures(json.loads((out / "summary.json").read_text()))
+        print(f"seed {seed}: {seconds[seed]:.0f} s", flush=True)
+    keys = [k for k in runs[next(iter(runs))] if all(k in r for r in runs.values())]
+    rows = []
+    for name, part in keys:
+        values = [runs[s][(name, part)] for s in runs]
+        rows.append((name, part, f"{min(values)}%", f"{statistics.median(values):g}%", f"{max(values)}%",
+                     " ".join(f"{v}%" for v in values)))
+    print(f"\nseeds {', '.join(map(str, runs))} (demo.py --learning_only; {statistics.mean(seconds.values()):.0f} s a "
+          f"seed):")
+    table(rows, ("figure", "part", "min", "median", "max", "by seed"))
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"outputs in {root}")
+
+
+if __name__ == "__main__":
+    main()
