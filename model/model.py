@@ -99,15 +99,18 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, K, S, D), in the cache's dtype
             q = q.to(k.dtype)
-        dropout = self.dropout if self.training else 0.0
-        causal = mask is None and T > 1  # no explicit mask: plain causal attention over T tokens, no past
-        if self.flash:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                                                 enable_gqa=self.n_kv_heads != self.n_heads)
-        else:
-            out = self.explicit_attention(q, k, v, mask, causal, dropout)
+        out = self.attend(q, k, v, mask)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, -1).to(x.dtype)  # (B, T, H*D)
         return self.wo(out)  # (B, T, dim)
+
+    def attend(self, q, k, v, mask):
+        """Each query head attends over the keys of its kv head: q (B, H, T, D), k/v (B, K, S, D)."""
+        dropout = self.dropout if self.training else 0.0
+        causal = mask is None and q.shape[2] > 1  # no explicit mask: plain causal attention over T tokens, no past
+        if self.flash:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                                  enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.explicit_attention(q, k, v, mask, causal, dropout)
 
     def explicit_attention(self, q, k, v, mask, causal, dropout):
         """softmax(q k^T / sqrt(D)) v, spelled out; the same result as the fused kernel."""

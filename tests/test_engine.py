@@ -44,6 +44,29 @@ def test_forward_hooks_fire_under_no_grad_on_plain_and_tuned_models():
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def test_decode_attention_is_the_gqa_kernels_sums_in_another_layout():
+    """One token over a masked cache: the grouped layout gives the GQA kernel's output (and the engine swaps the
+    class in and out)."""
+    from model.engine import DecodeAttention
+    from model.model import Attention
+
+    model = tiny_model()
+    attention = model.model.layers[0].attention
+    assert attention.n_kv_heads < attention.n_heads
+    q, k, v = torch.randn(3, attention.n_heads, 1, 16), torch.randn(3, attention.n_kv_heads, 7, 16), \
+        torch.randn(3, attention.n_kv_heads, 7, 16)
+    mask = torch.rand(3, 1, 1, 7) > 0.3
+    mask[:, ..., -1] = True
+    with torch.no_grad():
+        expected = attention.attend(q, k, v, mask)
+        engine = Engine(model, tune=True)
+        assert type(attention) is DecodeAttention
+        got = attention.attend(q, k, v, mask)
+        engine.release()
+    assert type(attention) is Attention
+    torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("one,few", [(one, few) for one in PRODUCTS for few in PRODUCTS if few != "padded"])
 def test_every_product_form_gives_the_plain_models_tokens(one, few):
     """Whatever forms tuning picks on a CPU, greedy decoding gives the plain model's tokens, alone and batched."""
