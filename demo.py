@@ -109,11 +109,13 @@ def main(argv=None):
     cfg = TINY if args.tiny else FULL
     out = fresh_out_dir(Path(args.out_dir or ROOT / "out" / cfg["name"]))
     data, tok = out / "data", out / "tokenizer"
-    common = ["--out_dir", str(out), "--tokenizer", str(tok), "--max_seq_len", str(cfg["seq"]), "--seed",
-              str(args.seed), "--device", "cpu", "--save_interval", "100000", "--log_interval", "20"]
+    def flags(seq: int) -> list[str]:
+        return ["--out_dir", str(out), "--tokenizer", str(tok), "--max_seq_len", str(seq), "--seed", str(args.seed),
+                "--device", "cpu", "--save_interval", "100000", "--log_interval", "20"]
+
     # Chat rows with the tools' descriptions run to ~170 tokens: the chat stages take longer rows than pretraining
     # (RoPE has no fixed length, and a batch pads only to its longest row).
-    chat_common = [*common[:4], "--max_seq_len", str(cfg["chat_seq"]), *common[6:]]
+    common, chat_common = flags(cfg["seq"]), flags(cfg["chat_seq"])
     timer, summary, failures = Timer(), {}, []
 
     import torch
