@@ -333,8 +333,6 @@ class ResumableSampler(DistributedSampler):
         """transformers' length-grouped sampling: the shuffled order cut into runs of 50 batches, each run sorted
         by size, so that a batch pads to little more than its own rows; then the batches shuffled, so that long
         and short ones keep alternating through the learning-rate schedule. Seeded by the epoch, as the order."""
-        import random
-
         span = self.group * megabatch
         runs = [sorted(order[i:i + span], key=lambda j: -self.sizes[j]) for i in range(0, len(order), span)]
         batches = [run[i:i + self.group] for run in runs for i in range(0, len(run), self.group)]
@@ -406,7 +404,8 @@ class Trainer:
 
             self.row_sizes = row_sizes(task.train_data)
             if self.row_sizes is None:
-                raise InputError(f"--group_by_length: {task.name}'s data has no row lengths (rows of a jsonl file only)")
+                raise InputError(f"--group_by_length: {task.name}'s data has no row lengths (rows of a jsonl file "
+                                 f"only)")
 
         self.steps_per_epoch = len(self.make_sampler(0)) // args.batch_size // self.accum
         if self.steps_per_epoch == 0:
