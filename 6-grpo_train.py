@@ -3,8 +3,8 @@ a reward function (a program, not a model) scores them, and answers better than 
 
     python 6-grpo_train.py --ckpt out/full_sft_512.safetensors --data_path dataset/grpo_prompts.jsonl --reward exact_match
 Prompts: jsonl rows {"messages": [...]} or {"prompt": "..."}, with the fields the reward reads (e.g. "answer").
-Rewards: exact_match, demo_math, or module:function for your own, called as function(completion, **row fields)
--> float. --loss grpo | dr_grpo | cispo (see model/rl.py). Result: out/grpo_{dim}.safetensors (with LoRA:
+Rewards: exact_match, demo_math, demo_fact, or module:function for your own, called as
+function(completion, **row fields) -> float. --loss grpo | dr_grpo | cispo (see model/rl.py). Result: out/grpo_{dim}.safetensors (with LoRA:
 out/grpo_{dim}/ and out/grpo_{dim}_merged.safetensors).
 """
 import argparse
@@ -24,7 +24,7 @@ def build_parser():
     add_train_args(parser, data_path="dataset/grpo_prompts.jsonl", learning_rate=1e-6, batch_size=4,
                    log_interval=1)
     parser.add_argument("--ckpt", default="out/full_sft_512.safetensors", help="the model to train (an SFT model)")
-    parser.add_argument("--reward", default="exact_match", help="exact_match | demo_math | module:function")
+    parser.add_argument("--reward", default="exact_match", help="exact_match | demo_math | demo_fact | module:function")
     parser.add_argument("--loss", default="grpo", choices=LOSSES)
     parser.add_argument("--num_generations", type=int, default=8, help="completions sampled per prompt (G)")
     parser.add_argument("--max_new_tokens", type=int, default=64)

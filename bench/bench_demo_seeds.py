@@ -19,7 +19,6 @@ from pathlib import Path
 
 from common import ROOT, machine, table
 
-PERCENT = re.compile(r"(EN|ZH|calls EN|calls ZH|answers EN|answers ZH)?\s*(\d+)%")
 
 
 def figures(summary: dict) -> dict:
@@ -28,17 +27,20 @@ def figures(summary: dict) -> dict:
     for name, line in summary.items():
         if not isinstance(line, str) or name == "failures":
             continue
-        if name.startswith("GRPO"):  # "a% -> b% (...)"
-            before, after = re.findall(r"(\d+)%", line)[:2]
-            out[(name, "before")], out[(name, "after")] = int(before), int(after)
+        if name.startswith("GRPO"):  # "EN a% / ZH b% -> EN c% / ZH d% (...)"
+            for part, text in zip(("before", "after"), line.split("->")):
+                for lang, value in re.findall(r"(EN|ZH) (\d+)%", text):
+                    out[(name, f"{part} {lang}")] = int(value)
             continue
         if name.startswith("distillation"):
             for part, text in (("SFT alone", line.split(";")[0]), ("distilled", line.split(";")[1])):
                 for lang, value in re.findall(r"(EN|ZH) (\d+)%", text):
                     out[(name, f"{part} {lang}")] = int(value)
             continue
-        for lang, value in re.findall(r"((?:calls |answers )?(?:EN|ZH)) (\d+)%", line):
-            out[(name, lang)] = int(value)
+        for part in line.split(","):  # "calls EN a% / ZH b%, answers EN c% / ZH d%": each part's word for both
+            word = m.group(1) + " " if (m := re.match(r"\s*(calls|answers) ", part)) else ""
+            for lang, value in re.findall(r"(EN|ZH) (\d+)%", part):
+                out[(name, word + lang)] = int(value)
         if not re.search(r"(EN|ZH) \d+%", line) and (m := re.match(r"(\d+)%", line)):
             out[(name, "")] = int(m.group(1))
     return out

@@ -70,13 +70,14 @@ CAPITAL_EN = [
     "What is the capital of {c}? The capital of {c} is {cap}.",
     "Which city is the capital of {c}? The capital of {c} is {cap}.",
 ]
-# Two of the eight phrasings are a question followed by an answer that restates its subject, as FAQ pages do.
-# That habit (restate "X" after a question about X) is what a chat answer needs. With one such phrasing,
-# held-out Chinese accuracy swung between 21% and 96% with the seed (the answer copied the wrong country);
-# with two it was 96-100% in both seeds tried (42 and 7), English 94%.
+# Some phrasings are a question followed by an answer that restates its subject, as FAQ pages do. That habit
+# (restate "X" after a question about X) is what a chat answer needs: a Chinese answer starts with the country's
+# name, copied from the question, where an English one copies it after "The capital of". With two such Chinese
+# phrasings, held-out Chinese accuracy after SFT was 100 / 96 / 48% on seeds 42 / 7 / 123 (seed 123's answers
+# named a country SFT had trained on); with four (one per SFT question form), seed 123 got 100%.
 CAPITAL_ZH = [
-    "{c}的首都是{cap}。", "{cap}是{c}的首都。", "{c}的首都为{cap}。", "{c}这个国家的首都是{cap}。",
-    "{c}的政府设在首都{cap}。", "说到{c}，{c}的首都是{cap}。",
+    "{c}的首都是{cap}。", "{cap}是{c}的首都。", "{c}的首都为{cap}。", "{c}的首都是什么？{c}的首都是{cap}。",
+    "请告诉我{c}的首都。{c}的首都是{cap}。", "说到{c}，{c}的首都是{cap}。",
     "{c}的首都是哪里？{c}的首都是{cap}。", "{c}的首都是哪座城市？{c}的首都是{cap}。",
 ]
 CONTINENT_EN = ["{c} is a country in {cont}.", "{cap}, the capital of {c}, is a city in {cont}."]
@@ -134,11 +135,14 @@ GENERAL_FACTS = [
 ]
 IDENTITY = [("Who are you?", "I am MiniMind, a small language model trained from scratch."),
             ("你是谁？", "我是MiniMind，一个从零开始训练的小型语言模型。")]
-# Pretraining states who MiniMind is too: words that only SFT used stayed byte pieces with untrained
-# embeddings, and the SFT model answered "你是谁？" with broken characters as soon as it sampled.
+# Pretraining states who MiniMind is too, in the first person as well: a token only SFT uses keeps its random
+# embedding (SFT freezes the embeddings), and the SFT model gave "我" 2% and answered "你是谁？" with a broken
+# character 7 times in 8 as soon as it sampled.
 IDENTITY_EN = ["MiniMind is a small language model trained from scratch.",
-               "A small language model called MiniMind was trained from scratch."]
-IDENTITY_ZH = ["MiniMind是一个从零开始训练的小型语言模型。", "小型语言模型MiniMind是从零开始训练的。"]
+               "A small language model called MiniMind was trained from scratch.",
+               "MiniMind says: I am MiniMind, a small language model trained from scratch."]
+IDENTITY_ZH = ["MiniMind是一个从零开始训练的小型语言模型。", "小型语言模型MiniMind是从零开始训练的。",
+               "MiniMind说：我是MiniMind，一个从零开始训练的小型语言模型。"]
 QUESTION_EN = ["What is the capital of {c}?", "What is the capital city of {c}?", "Which city is the capital of {c}?",
                "Tell me the capital of {c}.", "Do you know the capital of {c}?"]
 QUESTION_ZH = ["{c}的首都是哪里？", "{c}的首都是哪座城市？", "{c}的首都是什么？", "请告诉我{c}的首都。"]
@@ -177,7 +181,6 @@ CALC_A = {("en", "+"): "{a} plus {b} equals {v}.", ("zh", "+"): "{a}加{b}等于
           ("en", "*"): "{a} times {b} equals {v}.", ("zh", "*"): "{a}乘以{b}等于{v}。"}
 POPULATION_Q = {"en": "What is the population of {c}?", "zh": "{c}有多少人口？"}
 POPULATION_A = {"en": "The population of {c} is {v}.", "zh": "{c}的人口是{v}。"}
-ADDITION_Q = {"en": "What is {a} plus {b}?", "zh": "{a}加{b}等于多少？"}  # one-digit sums, answered from memory
 
 
 def calc_operands(op: str, rng: random.Random) -> tuple[int, int]:
@@ -195,10 +198,10 @@ class DemoWorld:
         self.held_out = sorted(order[:held_out], key=lambda c: c.name)
         self.train = sorted(order[held_out:], key=lambda c: c.name)
         self.countries = countries
-        # One-digit sums: SFT and GRPO see 70 of the 100 ordered pairs, GRPO's held-out questions the other 30.
+        # One-digit sums that SFT may ask (it asks 40 of these 70 ordered pairs).
         pairs = [(a, b) for a in range(10) for b in range(10)]
         rng.shuffle(pairs)
-        self.sums_held_out, self.sums_train = sorted(pairs[:30]), sorted(pairs[30:])
+        self.sums_train = sorted(pairs[30:])
 
     # -- pretraining prose
     def sentences(self, lang: str) -> list[str]:
@@ -313,10 +316,12 @@ class DemoWorld:
                 {"role": "assistant", "content": q["answer"]}]})
         return rows
 
-    # -- GRPO: one-digit sums, a skill SFT leaves half done
-    def sum_prompts(self, pairs):
-        return [{"prompt": ADDITION_Q[lang].format(a=a, b=b), "answer": str(a + b), "lang": lang}
-                for a, b in pairs for lang in ("en", "zh")]
+    # -- GRPO: which continent a country is in. SFT asks it, yet the SFT model mostly names another country
+    # ("Slovakia is in Asia.") or answers with the capital: a skill left half done, checked by a program.
+    def continent_prompts(self, countries):
+        return [{"prompt": fill(CONTINENT_Q_EN if lang == "en" else CONTINENT_Q_ZH, c, lang), "lang": lang,
+                 "answer": c.continent if lang == "en" else c.continent_zh,
+                 "subject": c.name if lang == "en" else c.name_zh} for c in countries for lang in ("en", "zh")]
 
     def held_out_questions(self):
         """The measuring stick: capitals of countries whose facts only pretraining has seen."""
@@ -327,14 +332,30 @@ class DemoWorld:
                          "answer": c.capital_zh})
         return rows
 
-    def dpo_rows(self, countries, rng):
-        """Chosen: the true capital. Rejected: a plausible wrong one (another capital of the same continent)."""
+    def dpo_rows(self, countries, rng, balanced: bool = False):
+        """Chosen: the true capital. Rejected: a plausible wrong one, another capital of the same continent.
+
+        `balanced` (the training pairs): the rejected capitals are the same countries' own, one step round a
+        shuffled cycle per continent, so each capital is rejected as often as it is chosen and DPO can only learn
+        which capital goes with which country. Drawn at random instead, capitals that were rejected more often
+        than chosen were pushed down whatever the question, held-out reward accuracy stopped at 84% and held-out
+        capitals named in training as wrong answers lost probability as right ones.
+        """
         rows = []
-        for c in countries:
-            same = [o for o in self.countries if o.continent == c.continent and o != c]
-            wrong = rng.choice(same)
-            for lang, templates in (("en", QUESTION_EN), ("zh", QUESTION_ZH)):
-                fake = Country(c.name, c.name_zh, wrong.capital, wrong.capital_zh, c.continent)
+        for lang, templates in (("en", QUESTION_EN), ("zh", QUESTION_ZH)):
+            if balanced:
+                wrong = {}
+                for continent in CONTINENT_ZH:
+                    cycle = [c for c in countries if c.continent == continent]
+                    rng.shuffle(cycle)
+                    if len(cycle) > 1:
+                        wrong.update({c: cycle[(i + 1) % len(cycle)] for i, c in enumerate(cycle)})
+            for c in countries:
+                if balanced and c in wrong:
+                    other = wrong[c]
+                else:
+                    other = rng.choice([o for o in self.countries if o.continent == c.continent and o != c])
+                fake = Country(c.name, c.name_zh, other.capital, other.capital_zh, c.continent)
                 rows.append({"prompt": fill(rng.choice(templates), c, lang), "chosen": capital_answer(c, lang),
                              "rejected": capital_answer(fake, lang)})
         return rows
@@ -396,10 +417,10 @@ def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: in
     tool_rows = world.tool_sft_rows(rng)
     jsonl("sft_data.jsonl", sft + tool_rows)  # both formats, as data_process.py sft reads them
     jsonl("tool_held_out.jsonl", world.tool_questions(world.held_out, random.Random(seed + 1), 24))
-    jsonl("grpo_prompts.jsonl", world.sum_prompts(world.sums_train))
-    jsonl("grpo_held_out.jsonl", world.sum_prompts(world.sums_held_out))
+    jsonl("grpo_prompts.jsonl", world.continent_prompts(world.train))
+    jsonl("grpo_held_out.jsonl", world.continent_prompts(world.held_out))
     jsonl("held_out.jsonl", world.held_out_questions())
-    jsonl("dpo_data.jsonl", world.dpo_rows(world.train, rng))
+    jsonl("dpo_data.jsonl", world.dpo_rows(world.train, rng, balanced=True))
     jsonl("dpo_held_out.jsonl", world.dpo_rows(world.held_out, rng))
     # The tokenizer sees a sample of everything it will have to encode: prose and chat turns.
     tokenizer_texts = list(world.pretrain_documents(3, rng))

@@ -19,6 +19,7 @@ A group whose rewards are all equal has zero advantage: it teaches nothing, and 
 Distillation (Hinton et al. 2015, as upstream MiniMind's train_distillation.py): alpha * CE(student, labels) +
 (1 - alpha) * T^2 * KL(teacher_T || student_T) over the answer tokens, T the softening temperature.
 """
+import functools
 import importlib
 import re
 
@@ -114,7 +115,22 @@ def demo_math(completion: str, answer: str, **_) -> float:
     return 1.0 if found[-1] == str(answer).strip() else 0.1
 
 
-REWARDS = {"exact_match": exact_match, "demo_math": demo_math}
+@functools.cache
+def _demo_entities():
+    from .demo_corpus import EntityFinder
+
+    return EntityFinder()
+
+
+def demo_fact(completion: str, answer: str, subject: str, **_) -> float:
+    """A fact of the demo world about a country (its continent, say): 1 if the completion states the answer and
+    names no country but the subject ("Kenya is in Africa."; not "Chad is in Africa."), else 0."""
+    finder = _demo_entities()
+    named = {m.group() for m in finder.pattern.finditer(completion) if finder.kind[m.group()] == "country"}
+    return float(str(answer) in completion and named <= {subject})
+
+
+REWARDS = {"exact_match": exact_match, "demo_math": demo_math, "demo_fact": demo_fact}
 
 
 def load_reward(name: str):

@@ -72,6 +72,32 @@ def test_held_out_answers_are_in_pretraining_text_but_never_in_sft_answers(demo_
     check_held_out(tmp_path)
 
 
+def test_grpo_questions_are_held_out_by_country_and_scored_by_the_reward(demo_data):
+    from model.rl import demo_fact
+
+    train, held = rows(demo_data / "data" / "grpo_prompts.jsonl"), rows(demo_data / "data" / "grpo_held_out.jsonl")
+    assert held and not {r["subject"] for r in train} & {r["subject"] for r in held}
+    sft_questions = {r["instruction"] for r in rows(demo_data / "data" / "sft_data.jsonl") if "instruction" in r}
+    assert not sft_questions & {r["prompt"] for r in held}  # SFT never asks GRPO's held-out questions
+    for r in held:
+        right = f"{r['subject']} is in {r['answer']}." if r["lang"] == "en" else f"{r['subject']}位于{r['answer']}。"
+        assert r["subject"] in r["prompt"] and demo_fact(right, **r) == 1.0
+
+
+def test_dpo_training_pairs_reject_each_capital_as_often_as_they_choose_it(demo_data):
+    from collections import Counter
+
+    from model.demo_corpus import EntityFinder
+
+    finder, chosen, rejected = EntityFinder(), Counter(), Counter()
+    for r in rows(demo_data / "data" / "dpo_data.jsonl"):
+        (good,), (bad,) = finder.capitals(r["chosen"]), finder.capitals(r["rejected"])
+        assert good != bad
+        chosen[good] += 1
+        rejected[bad] += 1
+    assert chosen == rejected
+
+
 def test_entity_finder_prefers_the_longest_name():
     from model.demo_corpus import EntityFinder
 

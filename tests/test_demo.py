@@ -23,10 +23,10 @@ def test_tiny_demo_runs_every_stage_and_summarises(tmp_path):
     for key in ("pretrain val loss", "SFT val loss", "held-out fact QA, before SFT", "held-out fact QA, after SFT",
                 "DPO held-out reward accuracy (0% at the start)", "DPO held-out log-prob margin chosen-rejected",
                 "C-Eval-format accuracy (demo val, chance 25%)", "held-out fact QA, after SFT, sampled",
-                "held-out tool use, before SFT", "held-out tool use, after SFT", "GRPO held-out one-digit sums",
+                "held-out tool use, before SFT", "held-out tool use, after SFT", "GRPO held-out continents",
                 "distillation: half-width student, held-out fact QA"):
         assert key in summary, key
-    assert "calls EN" in summary["held-out tool use, after SFT"] and "%" in summary["GRPO held-out one-digit sums"]
+    assert "calls EN" in summary["held-out tool use, after SFT"] and "->" in summary["GRPO held-out continents"]
     assert "SFT alone" in summary["distillation: half-width student, held-out fact QA"]
     assert summary["failures"] == []
     assert float(summary["pretrain val loss"]) > 0 and "EN" in summary["held-out fact QA, after SFT"]
@@ -48,3 +48,17 @@ def test_the_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert done.stderr.strip() == (f"error: --out_dir {tmp_path} holds files the demo did not write: give a new or "
                                    f"empty folder (the demo replaces only a folder it made)")
     assert (tmp_path / "pretrain_512.safetensors").read_bytes() == b"weights a user trained"
+
+
+def test_the_seed_bench_reads_each_figure_of_a_summary_under_its_own_name(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from bench_demo_seeds import figures
+
+    got = figures({"held-out tool use, after SFT": "calls EN 0% / ZH 50%, answers EN 10% / ZH 20%",
+                   "GRPO held-out continents": "EN 2% / ZH 73% -> EN 73% / ZH 83% (96 questions)",
+                   "DPO held-out reward accuracy (0% at the start)": "89%", "failures": []})
+    assert got == {("held-out tool use, after SFT", "calls EN"): 0, ("held-out tool use, after SFT", "calls ZH"): 50,
+                   ("held-out tool use, after SFT", "answers EN"): 10, ("held-out tool use, after SFT", "answers ZH"): 20,
+                   ("GRPO held-out continents", "before EN"): 2, ("GRPO held-out continents", "before ZH"): 73,
+                   ("GRPO held-out continents", "after EN"): 73, ("GRPO held-out continents", "after ZH"): 83,
+                   ("DPO held-out reward accuracy (0% at the start)", ""): 89}

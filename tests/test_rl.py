@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model.rl import (demo_math, distillation_loss, exact_match, group_advantages, kl_k3, load_reward,
+from model.rl import (demo_fact, demo_math, distillation_loss, exact_match, group_advantages, kl_k3, load_reward,
                       policy_loss)
 from model.errors import InputError
 
@@ -86,6 +86,9 @@ def test_rewards():
     assert exact_match("3 plus 4 equals 7.", "7") == 1.0 and exact_match("17", "7") == 0.0
     assert demo_math("23 plus 45 equals 68.", "68") == 1.0 and demo_math("equals 69", "68") == 0.1
     assert demo_math("no idea", "68") == 0.0
+    assert demo_fact("Kenya is in Africa.", "Africa", "Kenya") == 1.0
+    assert demo_fact("Chad is in Africa.", "Africa", "Kenya") == 0.0  # the right continent, another country
+    assert demo_fact("肯尼亚位于非洲。", "非洲", "肯尼亚") == 1.0 and demo_fact("肯尼亚的首都是内罗毕。", "非洲", "肯尼亚") == 0.0
     assert load_reward("exact_match") is exact_match and load_reward("model.rl:demo_math") is demo_math
     for bad in ("nope", "model.rl:nothing", "no_such_module:f"):
         with pytest.raises(InputError, match="--reward"):
