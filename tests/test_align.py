@@ -75,6 +75,12 @@ def test_dpo_objective_matches_the_formula():
     torch.testing.assert_close(smoothed, expected)
 
 
+# Pairs whose wrong capitals are drawn at random (the demo's held-out pairs): some capitals are rejected more
+# often than chosen, a preference the tiny model learns in a few dozen steps. (The demo's training pairs reject each
+# capital as often as they choose it, so only the country-capital pairing is left to learn: too much for it.)
+RANDOM_PAIRS = "dpo_held_out.jsonl"
+
+
 def held_out_pairs(path, demo_data):
     """The training pairs asked in another phrasing: prompts the DPO run never saw."""
     import json
@@ -83,7 +89,7 @@ def held_out_pairs(path, demo_data):
     from model.demo_corpus import QUESTION_EN, QUESTION_ZH
 
     rows = []
-    for line in open(demo_data / "data" / "dpo_data.jsonl", encoding="utf-8"):
+    for line in open(demo_data / "data" / RANDOM_PAIRS, encoding="utf-8"):
         row = json.loads(line)
         en = re.fullmatch(r"The capital of (.+) is .+\.", row["chosen"])
         country = en.group(1) if en else row["chosen"].split("的首都是")[0]
@@ -113,6 +119,7 @@ def test_dpo_raises_the_held_out_margin_and_reports_reward_accuracy(demo_data, t
     pairs = held_out_pairs(tmp_path / "held_out_pairs.jsonl", demo_data)
     result = load_script("5-dpo_train.py").main(dpo_flags(demo_data, tiny_sft, tmp_path, "--max_steps", "60",
                                                           "--epochs", "2", "--save_interval", "0",
+                                                          "--data_path", str(demo_data / "data" / RANDOM_PAIRS),
                                                           "--val_path", str(pairs)))
     tok = load_tokenizer(demo_data / "tokenizer")
     before, acc_before = mean_margin(tiny_sft, pairs, tok)
