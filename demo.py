@@ -208,7 +208,8 @@ def main(argv=None):
     with timer.stage("GRPO"):
         # Which continent a country is in: SFT asked it of the training countries, yet the DPO model mostly
         # answers with another country's name. Rewards are checked by a program (demo_fact); the held-out
-        # questions are about the countries that neither SFT nor GRPO ever asked about.
+        # questions are about the countries that neither SFT nor GRPO ever asked about. A weak KL penalty (beta
+        # 0.02): at 0.05 and 0.1 seed 123's English answers never flipped (README, "Across seeds").
         questions = list(read_jsonl(data / "grpo_held_out.jsonl"))
         before = reward_accuracy(dpo, tokenizer, questions)
         result = script("6-grpo_train.py").main(

@@ -31,6 +31,9 @@ def quiet_third_party():
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="Could not find a config file in .* will assume that the vocabulary",
                             category=UserWarning)
+    # torch's compile cache, on our int8 weights (--quantize int8 --compile): a note for subclass authors.
+    warnings.filterwarnings("ignore", message="Int8Tensor does not implement _stable_hash_for_caching",
+                            category=UserWarning)
 
 
 def __getattr__(name):
