@@ -74,19 +74,13 @@ def main():
         completions, t_roll = timed(lambda: grpo.sample(model, prompts, G, 1.0))
         texts, t_text = timed(lambda: [tokenizer.decode(c, skip_special_tokens=True) for c in completions])
         rewards, t_score = timed(lambda: torch.tensor([demo_fact(t, **rows[i // G]) for i, t in enumerate(texts)]))
-        seqs = [p + c for p, c in zip((p for p in prompts for _ in range(G)), completions)]
-        width = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (s, c) in enumerate(zip(seqs, completions)):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, len(s) - len(c):len(s)] = 1
+        ids, mask = grpo.pack(prompts, completions, G)
         with torch.no_grad():
             ref, t_ref = timed(lambda: token_logps(reference, ids))
 
         def update():
             logps = token_logps(model, ids)
-            advantages = torch.randn(len(seqs))  # the cost does not depend on the values
+            advantages = torch.randn(len(ids))  # the cost does not depend on the values
             loss, _ = policy_loss(logps, logps.detach(), ref, advantages, mask, beta=0.02)
             loss.backward()
 

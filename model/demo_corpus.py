@@ -54,8 +54,12 @@ class EntityFinder:
         names = sorted(self.kind, key=len, reverse=True)
         self.pattern = re.compile("|".join(map(re.escape, names)))
 
+    def names(self, text: str, kind: str) -> list[str]:
+        """The names of `kind` ("country" or "capital") in `text`, in order."""
+        return [m.group() for m in self.pattern.finditer(text) if self.kind[m.group()] == kind]
+
     def capitals(self, text: str) -> list[str]:
-        return [m.group() for m in self.pattern.finditer(text) if self.kind[m.group()] == "capital"]
+        return self.names(text, "capital")
 
     def exact_match(self, response: str, answer: str) -> bool:
         """A hit names exactly one capital (any number of times), and it is the right one."""

@@ -125,9 +125,7 @@ def _demo_entities():
 def demo_fact(completion: str, answer: str, subject: str, **_) -> float:
     """A fact of the demo world about a country (its continent, say): 1 if the completion states the answer and
     names no country but the subject ("Kenya is in Africa."; not "Chad is in Africa."), else 0."""
-    finder = _demo_entities()
-    named = {m.group() for m in finder.pattern.finditer(completion) if finder.kind[m.group()] == "country"}
-    return float(str(answer) in completion and named <= {subject})
+    return float(str(answer) in completion and set(_demo_entities().names(completion, "country")) <= {subject})
 
 
 REWARDS = {"exact_match": exact_match, "demo_math": demo_math, "demo_fact": demo_fact}

@@ -374,6 +374,18 @@ class GRPOLoss:
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
         return torch.tensor([float(self.reward(t, **fields[rows[i // per_prompt]])) for i, t in enumerate(texts)])
 
+    def pack(self, prompts, completions, per_prompt: int):
+        """(ids, mask), (N, T) each: every sequence its prompt, then its completion, right-padded, so positions and
+        causal attention of the real tokens are what they were when sampled; the mask marks the completion's."""
+        seqs = [p + c for p, c in zip((p for p in prompts for _ in range(per_prompt)), completions)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, (s, c) in enumerate(zip(seqs, completions)):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, len(s) - len(c):len(s)] = 1
+        return ids, mask
+
     def rollout(self, model, prompts, rows, reference):
         from .rl import group_advantages
 
@@ -381,16 +393,8 @@ class GRPOLoss:
         completions = self.sample(model, prompts, G, self.args.temperature)
         rewards = self.score(rows, completions, G)
         advantages = group_advantages(rewards, G, scale=self.args.loss != "dr_grpo")
-        # Each sequence: its prompt, then its completion; right-padded, so positions and causal attention of the
-        # real tokens are what they were when sampled. The mask marks the completion's tokens.
-        seqs = [p + c for p, c in zip((p for p in prompts for _ in range(G)), completions)]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, (s, c) in enumerate(zip(seqs, completions)):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, len(s) - len(c):len(s)] = 1
-        self.tokens = int(sum(len(s) for s in seqs))
+        ids, mask = self.pack(prompts, completions, G)
+        self.tokens = G * sum(map(len, prompts)) + sum(map(len, completions))
         ref = None
         if self.args.beta:
             device = next(unwrap(model).parameters()).device
