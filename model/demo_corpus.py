@@ -69,16 +69,18 @@ class EntityFinder:
 # ------------------------------------------------------------------------------------------------ phrasings
 CAPITAL_EN = [
     "The capital of {c} is {cap}.", "{cap} is the capital of {c}.", "The capital city of {c} is {cap}.",
-    "{c}'s capital is {cap}.", "{c} has its capital in {cap}.",
-    "The government of {c} sits in {cap}, the capital of {c}.",
     "What is the capital of {c}? The capital of {c} is {cap}.",
+    "What is the capital city of {c}? The capital of {c} is {cap}.",
     "Which city is the capital of {c}? The capital of {c} is {cap}.",
+    "Tell me the capital of {c}. The capital of {c} is {cap}.",
+    "Do you know the capital of {c}? The capital of {c} is {cap}.",
 ]
 # Some phrasings are a question followed by an answer that restates its subject, as FAQ pages do. That habit
 # (restate "X" after a question about X) is what a chat answer needs: a Chinese answer starts with the country's
 # name, copied from the question, where an English one copies it after "The capital of". With two such Chinese
 # phrasings, held-out Chinese accuracy after SFT was 100 / 96 / 48% on seeds 42 / 7 / 123 (seed 123's answers
-# named a country SFT had trained on); with four (one per SFT question form), seed 123 got 100%.
+# named a country SFT had trained on); with four (one per SFT question form), seed 123 got 100%. English got the
+# same, five FAQ phrasings for its five question forms: sampled answers of seed 7 rose from 79% to 94% (greedy 94%).
 CAPITAL_ZH = [
     "{c}的首都是{cap}。", "{cap}是{c}的首都。", "{c}的首都为{cap}。", "{c}的首都是什么？{c}的首都是{cap}。",
     "请告诉我{c}的首都。{c}的首都是{cap}。", "说到{c}，{c}的首都是{cap}。",

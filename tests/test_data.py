@@ -72,6 +72,18 @@ def test_held_out_answers_are_in_pretraining_text_but_never_in_sft_answers(demo_
     check_held_out(tmp_path)
 
 
+def test_pretraining_answers_every_sft_question_form_about_each_country_as_sft_does(demo_data):
+    """The FAQ habit: each question form SFT asks is, in pretraining, followed by SFT's answer restating the
+    country, for the held-out countries too (what a chat answer copies its subject by)."""
+    from model.demo_corpus import QUESTION_EN, QUESTION_ZH, DemoWorld, capital_answer, fill
+
+    text = "\n".join(r["text"] for r in rows(demo_data / "data" / "pretrain_data.jsonl"))
+    for c in DemoWorld(seed=7).held_out[:5]:
+        for lang, questions, sep in (("en", QUESTION_EN, " "), ("zh", QUESTION_ZH, "")):
+            for q in questions:
+                assert fill(q, c, lang) + sep + capital_answer(c, lang) in text, (lang, q, c.name)
+
+
 def test_grpo_questions_are_held_out_by_country_and_scored_by_the_reward(demo_data):
     from model.rl import demo_fact
 
