@@ -22,6 +22,8 @@ def build_parser():
     parser.add_argument("--ckpt", default="out/full_sft_512.safetensors", help="the SFT model to align")
     parser.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
     parser.add_argument("--label_smoothing", type=float, default=0.0, help="assumed share of flipped preferences")
+    parser.add_argument("--rpo_alpha", type=float, default=0.0,
+                        help="weight of an NLL term on the chosen answers (RPO; 0: plain DPO)")
     parser.add_argument("--max_prompt_length", type=int, default=256)
     add_lora_args(parser)
     return parser

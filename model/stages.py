@@ -197,13 +197,14 @@ def lora_task(args):
 
 
 # ------------------------------------------------------------------------------------------------------- DPO
-def sequence_logps(model, input_ids, labels):
-    """Sum of log p(token) over the labelled tokens of each row: (B,)."""
+def sequence_logps(model, input_ids, labels, with_counts: bool = False):
+    """Sum of log p(token) over the labelled tokens of each row: (B,); with_counts: and how many there are, (B,)."""
     logits = model(input_ids=input_ids).logits.float()  # (B, T, V)
     targets = next_token_targets(labels)  # (B, T)
     mask = targets != -100
     logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    return (logps * mask).sum(dim=-1)
+    sums = (logps * mask).sum(dim=-1)
+    return (sums, mask.sum(dim=-1)) if with_counts else sums
 
 
 def dpo_objective(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):
@@ -234,14 +235,20 @@ def reference_logps(model, reference, input_ids, labels):
         return sequence_logps(reference, input_ids, labels)
 
 
-def dpo_loss(beta, label_smoothing):
+def dpo_loss(beta, label_smoothing, rpo_alpha: float = 0.0):
+    """DPO's loss on a dpo_collate batch; rpo_alpha > 0 adds that weight times the chosen answers' mean token
+    NLL (RPO, Pang et al. 2024; trl's loss_type ["sigmoid", "sft"]), which keeps the chosen answers likely."""
     def loss(model, batch, reference=None):  # the trainer passes Task.frozen["reference"], placed with the model
         ids, labels = batch["input_ids"], batch["labels"]
-        policy = sequence_logps(model, ids, labels)
+        policy, counts = sequence_logps(model, ids, labels, with_counts=True)
         ref = reference_logps(getattr(model, "module", model), reference, ids, labels)
         (pc, pr), (rc, rr) = policy.chunk(2), ref.chunk(2)
         value, chosen_reward, rejected_reward = dpo_objective(pc, pr, rc, rr, beta, label_smoothing)
+        nll = -(pc / counts.chunk(2)[0].clamp(min=1)).mean()
+        if rpo_alpha:
+            value = value + rpo_alpha * nll
         return value, {"reward_accuracy": (chosen_reward > rejected_reward).float().mean().detach(),
+                       "chosen_nll": nll.detach(),
                        "chosen_reward": chosen_reward.mean().detach(),
                        "rejected_reward": rejected_reward.mean().detach(),
                        "reward_margin": (chosen_reward - rejected_reward).mean().detach()}
@@ -267,7 +274,7 @@ def dpo_task(args):
     name = output_name("dpo", config)
     meta = tokenizer_metadata(args.tokenizer)
     save = adapter_saver(name, True, meta) if reference is None else safetensors_saver(name, meta)
-    return model, Task(name, train, dpo_loss(args.beta, args.label_smoothing), save, val_data=val,
+    return model, Task(name, train, dpo_loss(args.beta, args.label_smoothing, args.rpo_alpha), save, val_data=val,
                        collate=partial(dpo_collate, pad_id=tokenizer.pad_token_id or 0),
                        frozen={} if reference is None else {"reference": reference},
                        plot_note="reward accuracy: how often the chosen answer gets the larger implicit reward",

@@ -75,6 +75,29 @@ def test_dpo_objective_matches_the_formula():
     torch.testing.assert_close(smoothed, expected)
 
 
+def test_rpo_alpha_adds_the_chosen_answers_mean_token_nll(demo_data, tiny_sft):
+    import torch.nn.functional as F
+
+    from model.dataset import DPODataset
+    from model.model import next_token_targets
+    from model.stages import dpo_collate, dpo_loss
+    from model.tokenizer import load_tokenizer
+
+    model = load_model(tiny_sft)
+    data = DPODataset(demo_data / "data" / "dpo_data.jsonl", load_tokenizer(demo_data / "tokenizer"), 64)
+    batch = dpo_collate([data[i] for i in range(4)])
+    with torch.no_grad():
+        plain, stats = dpo_loss(0.1, 0.0)(model, batch, reference=model)
+        with_nll, _ = dpo_loss(0.1, 0.0, rpo_alpha=0.5)(model, batch, reference=model)
+        logits = model(input_ids=batch["input_ids"][:4]).logits
+    targets = next_token_targets(batch["labels"][:4])
+    per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    nll = (per_token.sum(1) / (targets != -100).sum(1)).mean()  # each chosen answer's mean, then the batch's
+    torch.testing.assert_close(plain, torch.log(torch.tensor(2.0)))  # policy = reference: every margin is 0
+    torch.testing.assert_close(with_nll - plain, 0.5 * nll)
+    torch.testing.assert_close(stats["chosen_nll"], nll)
+
+
 # Pairs whose wrong capitals are drawn at random (the demo's held-out pairs): some capitals are rejected more
 # often than chosen, a preference the tiny model learns in a few dozen steps. (The demo's training pairs reject each
 # capital as often as they choose it, so only the country-capital pairing is left to learn: too much for it.)
