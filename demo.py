@@ -228,8 +228,8 @@ def main(argv=None):
     with timer.stage("distillation"):
         # A half-width student, pretrained on the same text for fewer steps (the demo's time), then fine-tuned on
         # the SFT data for the same steps: on the answers alone, or on the answers and the SFT model's
-        # distribution over them. At 150 pretraining steps it knew too few facts for either to answer; at T=2 the
-        # soft term drowned the 40 steps' answers (README).
+        # distribution over them. At 150 or 300 pretraining steps it knows too few facts for either to answer
+        # (about 400 would do, over the demo's time); at T=2 the soft term drowned the 40 steps' answers (README).
         student = script("1-pretrain.py").main(
             ["--data_path", str(out / "pretrain_data"), *cfg["model"], *cfg["student"], *common, "--batch_size",
              str(cfg["pre_batch"]), "--learning_rate", str(cfg["pre_lr"]), "--warmup_iters", "20", "--max_steps",
