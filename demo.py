@@ -211,8 +211,8 @@ def main(argv=None):
         # answers with another country's name. Rewards are checked by a program (demo_fact); the held-out
         # questions are about the countries that neither SFT nor GRPO ever asked about. A weak KL penalty (beta
         # 0.02): at 0.05 and 0.1 seed 123's English answers never flipped (README, "Across seeds"). Rollouts at
-        # temperature 0.8: at 1.0 half the English samples start with a garbled name and 60 steps taught seed 42
-        # nothing (EN 17 -> 15%; at 0.8: -> 54%, and 75 steps -> 62%).
+        # temperature 0.8: at 1.0 half the English samples open with a garbled name, and whether GRPO taught English
+        # at all came and went with the steps and the lr (README).
         questions = list(read_jsonl(data / "grpo_held_out.jsonl"))
         before = reward_accuracy(dpo, tokenizer, questions)
         result = script("6-grpo_train.py").main(
