@@ -79,8 +79,10 @@ class Sampler:
         self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
         self.use_penalty = any(p.repetition_penalty != 1.0 for p in params)
         self.filtering = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
-        self.generators = list(generators) if generators is not None else [row_generator(p.seed, device)
-                                                                           for p in params]
+        # A greedy row has no generator: greedy decoding never touches the global RNG, so a greedy validation pass
+        # cannot change what a training run samples next.
+        self.generators = list(generators) if generators is not None else [
+            row_generator(p.seed, device) if p.temperature > 0 else None for p in params]
 
     def __call__(self, logits, history):
         logits = logits.float()
@@ -93,7 +95,8 @@ class Sampler:
         if self.filtering:
             logits = filter_top_k_top_p(logits, self.top_k, self.top_p)
         cdf = logits.softmax(dim=-1).cumsum(dim=-1)
-        u = torch.stack([torch.rand((), generator=g, device=cdf.device) for g in self.generators])
+        u = torch.stack([torch.rand((), generator=g, device=cdf.device) if g is not None
+                         else torch.zeros((), device=cdf.device) for g in self.generators])
         sampled = (cdf < u[:, None] * cdf[:, -1:]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
         return torch.where(self.greedy, best, sampled)
 

@@ -310,13 +310,15 @@ class GRPOLoss:
         self.args, self.per_step = args, per_step_batches
         self.kept = {}  # prompt rows of a batch -> its rollout, while its iterations last
         self.tokens = 0  # prompt + completion tokens of the last rollout, for the trainer's tokens/s
+        self.rollouts = 0  # rollouts sampled so far: part of every completion's seed
 
     # -- the trainer's hooks
     def state(self) -> dict:
-        return {"kept": [(list(k), v) for k, v in self.kept.items()]}
+        return {"kept": [(list(k), v) for k, v in self.kept.items()], "rollouts": self.rollouts}
 
     def load_state(self, state: dict):
         self.kept = {tuple(k): v for k, v in state["kept"]}
+        self.rollouts = state.get("rollouts", 0)
 
     def count_tokens(self, batch) -> int:
         return self.tokens
@@ -363,9 +365,13 @@ class GRPOLoss:
         policy = unwrap(model)
         was_training = policy.training
         policy.eval()
-        params = SamplingParams(max_new_tokens=self.args.max_new_tokens, temperature=temperature)
-        eos = self.tokenizer.eos_token_id
         rows = [p for p in prompts for _ in range(per_prompt)]
+        # Each completion draws from its own stream, seeded by (--seed, rank, rollout, row): what a run samples
+        # depends on nothing else it did (validation, logging), and a resumed run samples the same.
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        params = [SamplingParams(max_new_tokens=self.args.max_new_tokens, temperature=temperature,
+                                 seed=hash((self.args.seed, rank, self.rollouts, i))) for i in range(len(rows))]
+        eos = self.tokenizer.eos_token_id
         done, completions = [False] * len(rows), [[] for _ in rows]
         for tokens in generate_ids(policy, rows, params, eos_token_id=eos):
             for i, t in enumerate(tokens.tolist()):
@@ -398,6 +404,7 @@ class GRPOLoss:
 
         G = self.args.num_generations
         completions = self.sample(model, prompts, G, self.args.temperature)
+        self.rollouts += 1
         rewards = self.score(rows, completions, G)
         advantages = group_advantages(rewards, G, scale=self.args.loss != "dr_grpo")
         ids, mask = self.pack(prompts, completions, G)

@@ -89,6 +89,19 @@ def test_grpo_kill_9_and_resume_is_the_same_run(demo_data, grpo_setup, tmp_path)
     assert rewards(tmp_path / "straight") == rewards(killed)
 
 
+def test_grpo_samples_the_same_whether_it_validates_often_or_not(demo_data, grpo_setup, tmp_path, monkeypatch):
+    """Validation between steps (greedy answers on the held-out prompts) must not change what training samples:
+    the same seed gives the same rollouts, so the same weights, whatever --eval_interval is."""
+    monkeypatch.syspath_prepend(str(grpo_setup))
+    weights = {}
+    for interval in ("1", "0"):
+        out = tmp_path / interval
+        load_script("6-grpo_train.py").main(grpo_flags(demo_data, grpo_setup, out, "--max_steps", "4", "--val_path",
+                                                       str(grpo_setup / "prompts.jsonl"), "--eval_interval", interval))
+        weights[interval] = load_file(str(out / "grpo_64.safetensors"))
+    assert all(torch.equal(weights["1"][k], weights["0"][k]) for k in weights["1"])
+
+
 def test_grpo_on_two_processes(demo_data, grpo_setup, tmp_path):
     import os
 

@@ -265,7 +265,9 @@ def test_sampling_is_seeded_per_row_and_repetition_penalty_respects_sign(model):
 
 def test_top_p_zero_samples_the_most_likely_token_and_bad_settings_are_refused(model):
     prompt = torch.randint(3, 128, (6,)).tolist()
+    state = torch.get_rng_state()
     greedy = [int(t) for t in generate_ids(model, [prompt], SamplingParams(max_new_tokens=12), eos_token_id=-1)]
+    assert torch.equal(torch.get_rng_state(), state)  # greedy decoding leaves the global RNG alone
     nucleus_of_one = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.0, seed=5)
     assert [int(t) for t in generate_ids(model, [prompt], nucleus_of_one, eos_token_id=-1)] == greedy
     for bad in ({"temperature": -1}, {"top_p": 1.5}, {"top_k": -2}, {"repetition_penalty": 0}, {"max_new_tokens": 0}):
