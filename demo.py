@@ -226,6 +226,8 @@ def main(argv=None):
         summary["GRPO held-out continents"] = f"EN {before['en']:.0%} / ZH {before['zh']:.0%} -> EN " \
                                               f"{after['en']:.0%} / ZH {after['zh']:.0%} ({len(questions)} questions)"
         _, summary["held-out fact QA, after GRPO"] = accuracy(grpo)
+        # What GRPO may cost: a question it never saw, answered in the form it rewards
+        summary["'Who are you?' / '你是谁？', after GRPO"] = identity_answers(grpo, tokenizer, 8, args.seed)
         final_model = grpo
 
     with timer.stage("distillation"):

@@ -28,6 +28,7 @@ def test_tiny_demo_runs_every_stage_and_summarises(tmp_path):
         assert key in summary, key
     assert "calls EN" in summary["held-out tool use, after SFT"] and "->" in summary["GRPO held-out continents"]
     assert "SFT alone" in summary["distillation: half-width student, held-out fact QA"]
+    assert summary["'Who are you?' / '你是谁？', after GRPO"].endswith("exactly as taught")
     assert summary["failures"] == []
     assert float(summary["pretrain val loss"]) > 0 and "EN" in summary["held-out fact QA, after SFT"]
     assert summary["exports"].startswith("hf ok") and "llama ok" in summary["exports"]
