@@ -210,9 +210,9 @@ def main(argv=None):
         # Which continent a country is in: SFT asked it of the training countries, yet the DPO model mostly
         # answers with another country's name. Rewards are checked by a program (demo_fact); the held-out
         # questions are about the countries that neither SFT nor GRPO ever asked about. A weak KL penalty (beta
-        # 0.02): at 0.05 and 0.1 seed 123's English answers never flipped (README, "Across seeds"). Rollouts at
-        # temperature 0.8: at 1.0 half the English samples open with a garbled name. lr 8e-5: of 6e-5, 8e-5 and 1e-4
-        # it is the one whose gain stays >= 25 points on all three seeds (README, "Across seeds").
+        # 0.02): at 0.05 and 0.1 seed 123's English answers never flipped. Rollouts at temperature 0.8: at 1.0 half
+        # the English samples open with a garbled name. lr 8e-5: of 6e-5, 8e-5 and 1e-4 the one whose gain stayed
+        # >= 25 points on seeds 42, 7 and 123 on the AMD machine (the README's GRPO paragraph has the figures).
         questions = list(read_jsonl(data / "grpo_held_out.jsonl"))
         before = reward_accuracy(dpo, tokenizer, questions)
         result = script("6-grpo_train.py").main(
