@@ -95,9 +95,11 @@ class Matcher:
         if parent is None:
             self.matcher = grammars.xgr.GrammarMatcher(compiled)
             self.in_string = self.escaped = False
-            self.mask = grammars.xgr.allocate_token_bitmask(1, grammars.vocab_size)  # the closer's scratch
+            # This row's own bitmask of the tokens allowed next, on the CPU where xgrammar fills it (also the
+            # closer's scratch): no other row's state is ever in it.
+            self.bitmask = grammars.xgr.allocate_token_bitmask(1, grammars.vocab_size)
         else:  # a copy to try the closer on, in the parent's thread
-            self.matcher, self.mask = parent.matcher.fork(), parent.mask
+            self.matcher, self.bitmask = parent.matcher.fork(), parent.bitmask
             self.in_string, self.escaped = parent.in_string, parent.escaped
 
     @property
@@ -105,9 +107,20 @@ class Matcher:
         """The output so far is a whole sentence of the grammar (it may go on: a number can take more digits)."""
         return self.matcher.is_completed()
 
-    def fill(self, bitmask: torch.Tensor, row: int):
-        self.matcher.fill_next_token_bitmask(bitmask, row)
-        bitmask[row] &= self.grammars.keep
+    def fill(self):
+        self.matcher.fill_next_token_bitmask(self.bitmask, 0)
+        self.bitmask[0] &= self.grammars.keep
+
+    def mask(self, logits: torch.Tensor):
+        """Set what the grammar forbids next to -inf in `logits`, this row's (vocab,) fp32 logits, in place. The
+        row must be contiguous: xgrammar's CPU kernel reads its buffer as such whatever the strides say (a
+        transposed batch would spread one row's mask over all rows)."""
+        if logits.dim() != 1 or not logits.is_contiguous():
+            raise ValueError(f"a grammar masks one contiguous row of logits, got shape {tuple(logits.shape)} strides "
+                             f"{logits.stride()}")
+        self.fill()
+        bitmask = self.bitmask if self.bitmask.device == logits.device else self.bitmask.to(logits.device)
+        self.grammars.xgr.apply_token_bitmask_inplace(logits[None], bitmask, vocab_size=self.grammars.vocab_size)
 
     def _advance(self, token: int) -> bool:
         if not self.matcher.accept_token(token):
@@ -130,8 +143,8 @@ class Matcher:
         forced = self.matcher.find_jump_forward_string()  # text the grammar fixes from here: take it in long tokens
         if forced and self._advance(token := g.encode(forced)[0]):
             return token
-        self.fill(self.mask, 0)
-        bits = self.mask[0]
+        self.fill()
+        bits = self.bitmask[0]
         for token in g.preference[self.in_string and not self.escaped]:
             if (int(bits[token // 32]) >> (token % 32)) & 1:
                 self._advance(token)
@@ -165,16 +178,3 @@ class Matcher:
             self.matcher.rollback(1)
             self.in_string, self.escaped = before
         return self._close_step()
-
-
-def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
-    import xgrammar as xgr
-
-    return xgr.allocate_token_bitmask(rows, vocab_size)
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]):
-    """Masked tokens' logits become -inf, in the given rows of `logits` only."""
-    import xgrammar as xgr
-
-    xgr.apply_token_bitmask_inplace(logits, bitmask[:logits.shape[0]], indices=rows)

@@ -6,10 +6,11 @@ iteration of the worker
 2. admits waiting requests while rows are free: short prompts are prefilled together in one forward pass, a long
    prompt (over `prefill_chunk` tokens) a chunk per iteration, so that it never stalls the rows already decoding;
    a request's n choices share its prompt's prefill (the row is copied);
-3. runs one decode step for every decoding row, each with its own sampling settings, random stream and stops;
-   A row with a grammar (a request's response_format or forced tool call, model/grammar.py) has its own matcher:
-   its bitmask masks that row's logits before sampling and the token sampled advances it; rows without one are
-   never touched;
+3. runs one decode step for every decoding row and samples each row's next token. Everything a row owns (its
+   sampling settings, random stream, grammar, stop strings, history and cache row) is one `Row` object; its
+   logits are the batch's row at its slot and nothing else. A row with a grammar (a request's response_format or
+   forced tool call, model/grammar.py) masks its own logits with its own bitmask, on a contiguous copy; rows
+   without one are never touched;
 4. lets finished rows (EOS, a stop string, max_tokens, an error) leave at once: the last row moves into the freed
    one, so the decoding rows stay rows [0, D) of the cache, which is what one engine step decodes.
 A new request thus waits at most one step to start, and a short answer is never held up by a long one. Nothing
@@ -44,16 +45,23 @@ class Request:
 
 
 @dataclass(eq=False)  # rows are compared by identity
-class Choice:
-    """One sequence being decoded: a row of the cache."""
+class Row:
+    """One sequence being decoded, and everything that is its own: the scheduler reads a row's settings, random
+    stream, grammar, stop strings and history from this object only, and its logits at `slot`, its row of the KV
+    cache (the scheduler keeps `rows[slot] is row`)."""
     request: Request
-    index: int
-    stream: TextStream
+    index: int  # which of the request's n choices
+    slot: int
+    stream: TextStream  # its text so far and its stop strings
     generator: torch.Generator
+    grammar: object = None  # its own model/grammar.py Matcher, if its request is constrained
     history: list = field(default_factory=list)  # prompt and generated ids, for the repetition penalty
     count: int = 0
     token: int = 0  # the last sampled token, fed at the next step
-    grammar: object = None  # this row's Matcher, if its request is constrained
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
 
 
 class Scheduler:
@@ -66,12 +74,11 @@ class Scheduler:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.cache: KVCache = self.engine.new_cache(max_batch, capacity or self.engine.config.max_seq_len)
         self.eos = tokenizer.eos_token_id
-        self.rows: list[Choice] = []  # decoding rows: rows[i] is row i of the cache
+        self.rows: list[Row] = []  # decoding rows: rows[i].slot == i, row i of the cache
         self.waiting: deque[Request] = deque()
         self.long: tuple[Request, int] | None = None  # a long prompt being prefilled, and how much of it is in
         self.lock, self.wake = threading.Lock(), threading.Event()
         self.sampler = None  # rebuilt when the decoding rows change
-        self.bitmask = None  # the grammar rows' allowed tokens, one bitmask row per cache row (allocated on first use)
         self.served = self.cancelled = self.cancelled_tokens = self.failed = 0
         self.alive, self.running = True, False
         self.thread = threading.Thread(target=self.run, daemon=True, name="minimind-scheduler") if in_thread else None
@@ -108,21 +115,27 @@ class Scheduler:
 
     def _loop(self):
         while self.alive:
-            self._drop_cancelled()
-            if not (self.rows or self.waiting or self.long):
+            if not self.step():
                 self.wake.wait(timeout=0.5)
                 self.wake.clear()
-                continue
-            try:
-                self._admit()
-                if self.rows:
-                    self._step()
-            except Exception as e:  # the batched forward itself failed: every row in it ends, the worker goes on
-                for choice in list(self.rows):
-                    self._end(choice, error=e)
-                if self.long:
-                    self._fail(self.long[0], e)
-                    self.long = None
+
+    def step(self) -> bool:
+        """One iteration: drop what was cancelled, admit what fits, decode one token for every row. False when there
+        was nothing to do. (The worker calls it in a loop; tests call it to control what arrives at which step.)"""
+        self._drop_cancelled()
+        if not (self.rows or self.waiting or self.long):
+            return False
+        try:
+            self._admit()
+            if self.rows:
+                self._step()
+        except Exception as e:  # the batched forward itself failed: every row in it ends, the worker goes on
+            for row in list(self.rows):
+                self._end(row, error=e)
+            if self.long:
+                self._fail(self.long[0], e)
+                self.long = None
+        return True
 
     def _free_rows(self) -> int:
         return self.max_batch - len(self.rows) - (1 if self.long else 0)
@@ -181,117 +194,127 @@ class Scheduler:
         return group
 
     def _start(self, prefilled: list[tuple[Request, int, torch.Tensor]]):
-        """Prompts are in the cache (request, its row, its next-token logits): every choice becomes a decoding row.
+        """Prompts are in the cache (request, its cache row, its next-token logits): every choice becomes a decoding
+        row, and all of them sample their first token together.
 
         All rows are placed before any first token is sampled: a row that ends at once moves another into its
         place, which must not be a prompt still to be copied."""
-        started = []
-        for request, row, _ in prefilled:  # the first choice where the prefill left it, when that is the next row
+        started, first = [], []
+        for request, slot, row_logits in prefilled:  # the first choice where the prefill left it, when that is next
             if request.cancelled:
+                self._drop(request)
                 continue
-            if row != len(self.rows):
-                self.cache.copy_row(row, len(self.rows))
+            if slot != len(self.rows):
+                self.cache.copy_row(slot, len(self.rows))
             started.append(self._new_row(request, 0))
-        for request, row, _ in prefilled:
+            first.append(row_logits)
+        for request, slot, row_logits in prefilled:
             if not request.cancelled:
                 for index in range(1, request.n):  # n > 1: the other choices share the prompt's prefill
-                    self.cache.copy_row(row, len(self.rows))
+                    self.cache.copy_row(slot, len(self.rows))
                     started.append(self._new_row(request, index))
-        logits = {id(request): row_logits for request, _, row_logits in prefilled}
-        for choice in started:
-            try:
-                sampler = Sampler([choice.request.params], self.engine.device, [choice.generator])
-                row_logits = self._constrain(logits[id(choice.request)][None], [choice])
-                token = int(sampler(row_logits, self._history([choice]))[0])
-            except Exception as e:
-                self._end(choice, error=e)
-                continue
-            self._accept(choice, token)
+                    first.append(row_logits)
+        if not started:
+            return
+        # (len(started), vocab), row k is started[k]'s: indexed by position here, as no slot has moved yet
+        logits = torch.stack(first)
+        offset = started[0].slot
+        try:
+            sampler = Sampler([r.params for r in started], self.engine.device, [r.generator for r in started])
+            tokens = self._sample(sampler, logits, started, offset)
+        except Exception as e:  # these rows alone end; the rows already decoding go on
+            tokens = [e] * len(started)
+        for row, token in zip(started, tokens):
+            self._accept(row, token)
 
-    def _new_row(self, request: Request, index: int) -> Choice:
+    def _new_row(self, request: Request, index: int) -> Row:
         request.open_choices += 1
         seed = request.params.seed
-        choice = Choice(request, index, TextStream(self.tokenizer, request.params.stop),
-                        row_generator(None if seed is None else seed + index, self.engine.device),
-                        history=list(request.prompt) if request.params.repetition_penalty != 1.0 else [],
-                        grammar=request.grammar() if request.grammar else None)
-        self.rows.append(choice)
+        row = Row(request, index, len(self.rows), TextStream(self.tokenizer, request.params.stop),
+                  row_generator(None if seed is None else seed + index, self.engine.device),
+                  grammar=request.grammar() if request.grammar else None,
+                  history=list(request.prompt) if request.params.repetition_penalty != 1.0 else [])
+        self.rows.append(row)
         self.sampler = None
-        return choice
+        return row
 
-    def _history(self, rows: list[Choice]) -> torch.Tensor:
+    def _history(self, rows: list[Row]) -> torch.Tensor:
         """(rows, L) ids each row has seen, for the repetition penalty; shorter rows padded with their last id."""
-        if not any(c.history for c in rows):
+        if not any(r.history for r in rows):
             return torch.zeros(len(rows), 1, dtype=torch.long, device=self.engine.device)
-        width = max(len(c.history) for c in rows)
-        padded = [c.history + [c.history[-1]] * (width - len(c.history)) if c.history else [0] * width for c in rows]
+        width = max(len(r.history) for r in rows)
+        padded = [r.history + [r.history[-1]] * (width - len(r.history)) if r.history else [0] * width for r in rows]
         return torch.tensor(padded, device=self.engine.device)
 
     def _step(self):
-        tokens = torch.tensor([c.token for c in self.rows], device=self.engine.device)
-        logits = self.engine.decode(self.cache, tokens)
+        tokens = torch.tensor([r.token for r in self.rows], device=self.engine.device)
+        logits = self.engine.decode(self.cache, tokens)  # (len(rows), vocab): logits[r.slot] is row r's
         if self.sampler is None:
-            self.sampler = Sampler([c.request.params for c in self.rows], self.engine.device,
-                                   [c.generator for c in self.rows])
-        sampled = self.sampler(self._constrain(logits, self.rows), self._history(self.rows)).tolist()
-        for choice, token in zip(list(self.rows), sampled):
-            self._accept(choice, token)
+            self.sampler = Sampler([r.params for r in self.rows], self.engine.device,
+                                   [r.generator for r in self.rows])
+        for row, token in zip(list(self.rows), self._sample(self.sampler, logits, self.rows)):
+            self._accept(row, token)
 
-    def _constrain(self, logits: torch.Tensor, rows: list[Choice]) -> torch.Tensor:
-        """Each grammar row's logits with the tokens its grammar forbids at -inf; the other rows' as they were."""
-        constrained = [i for i, choice in enumerate(rows) if choice.grammar is not None]
-        if not constrained:
-            return logits
-        from .grammar import apply_bitmask, new_bitmask
+    def _sample(self, sampler: Sampler, logits: torch.Tensor, rows: list[Row], offset: int = 0) -> list:
+        """The next token of each row (logits[row.slot - offset] is row's), or the error its grammar raised.
 
-        if self.bitmask is None:
-            self.bitmask = new_bitmask(self.max_batch, logits.shape[-1])
-        for i in constrained:
-            rows[i].grammar.fill(self.bitmask, i)
-        with torch.inference_mode():  # the engine's logits are inference tensors; n choices share a prefill's row
-            logits = logits.to(torch.float32, copy=True)
-            apply_bitmask(logits, self.bitmask, constrained)
-        return logits
+        A grammar row's logits are masked on a contiguous fp32 copy of the batch's, one row at a time with the
+        row's own bitmask; the other rows' logits are the engine's, untouched."""
+        errors = {}
+        if any(r.grammar is not None for r in rows):
+            with torch.inference_mode():  # the engine's logits are inference tensors; n choices share a prefill's
+                logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                for row in rows:
+                    if row.grammar is not None:
+                        try:
+                            row.grammar.mask(logits[row.slot - offset])
+                        except Exception as e:
+                            errors[row.slot] = e
+        tokens = sampler(logits, self._history(rows)).tolist()
+        return [errors.get(row.slot, token) for row, token in zip(rows, tokens)]
 
-    def _accept(self, choice: Choice, token: int):
-        """One new token of a row: its text to the client; the row ends on EOS, a stop string or max_tokens. A
-        grammar row's token may be replaced by one that still lets its grammar complete within max_tokens."""
-        request = choice.request
+    def _accept(self, row: Row, token):
+        """One new token of a row (or the error that ended it): its text to the client; the row ends on EOS, a stop
+        string or max_tokens. A grammar row's token may be replaced by one that still lets its grammar complete
+        within max_tokens."""
+        request = row.request
         try:
-            if choice.grammar is not None:
-                token = choice.grammar.choose(token, request.params.max_new_tokens - choice.count)
+            if isinstance(token, Exception):
+                raise token
+            if row.grammar is not None:
+                token = row.grammar.choose(token, row.params.max_new_tokens - row.count)
             if token == self.eos:
-                return self._end(choice, TextDelta(choice.index, choice.stream.finish(), "stop"))
-            choice.count += 1
+                return self._end(row, TextDelta(row.index, row.stream.finish(), "stop"))
+            row.count += 1
             request.generated += 1
-            text = choice.stream.push(token)
-            if choice.stream.stopped:
-                return self._end(choice, TextDelta(choice.index, text, "stop", [token]))
-            if choice.count >= request.params.max_new_tokens:  # a grammar steered to its end in time is complete
-                reason = "stop" if choice.grammar is not None and choice.grammar.complete else "length"
-                return self._end(choice, TextDelta(choice.index, text + choice.stream.finish(), reason, [token]))
-            request.emit(choice.index, TextDelta(choice.index, text, None, [token]))
-            choice.token = token
-            if choice.history:
-                choice.history.append(token)
+            text = row.stream.push(token)
+            if row.stream.stopped:
+                return self._end(row, TextDelta(row.index, text, "stop", [token]))
+            if row.count >= row.params.max_new_tokens:  # a grammar steered to its end in time is complete
+                reason = "stop" if row.grammar is not None and row.grammar.complete else "length"
+                return self._end(row, TextDelta(row.index, text + row.stream.finish(), reason, [token]))
+            request.emit(row.index, TextDelta(row.index, text, None, [token]))
+            row.token = token
+            if row.history:
+                row.history.append(token)
         except Exception as e:
-            self._end(choice, error=e)
+            self._end(row, error=e)
 
-    def _end(self, choice: Choice, delta: TextDelta | None = None, error: Exception | None = None):
-        """The row leaves: its last delta (or error) goes out and the last decoding row moves into its place."""
-        request = choice.request
-        if choice in self.rows:
-            row, last = self.rows.index(choice), len(self.rows) - 1
-            if row != last:
-                self.cache.copy_row(last, row)
-                self.rows[row] = self.rows[last]
-            self.rows.pop()
+    def _end(self, row: Row, delta: TextDelta | None = None, error: Exception | None = None):
+        """The row leaves: its last delta (or error) goes out and the last decoding row moves into its slot."""
+        request = row.request
+        if row.slot is not None:
+            last = self.rows.pop()
+            if last is not row:
+                self.cache.copy_row(last.slot, row.slot)
+                self.rows[row.slot], last.slot = last, row.slot
+            row.slot = None
             self.sampler = None
         if error is not None:
             self.failed += 1
-            request.emit(choice.index, error)
+            request.emit(row.index, error)
         elif delta is not None:
-            request.emit(choice.index, delta)
+            request.emit(row.index, delta)
         request.open_choices -= 1
         if request.open_choices == 0:
             self.served += 1
@@ -304,17 +327,23 @@ class Scheduler:
         request.emit(None, None)
 
     def _drop_cancelled(self):
-        for choice in [c for c in self.rows if c.request.cancelled]:
-            request = choice.request
+        for row in [r for r in self.rows if r.request.cancelled]:
+            request = row.request
             if request.open_choices == request.n:  # count each request once
                 self.cancelled += 1
                 self.cancelled_tokens += request.generated
-            self._end(choice)
+            self._end(row)
         if self.long and self.long[0].cancelled:
-            self.cancelled += 1
+            self._drop(self.long[0])
             self.long = None
         with self.lock:
             gone = [r for r in self.waiting if r.cancelled]
             for r in gone:
                 self.waiting.remove(r)
-            self.cancelled += len(gone)
+        for r in gone:
+            self._drop(r)
+
+    def _drop(self, request: Request):
+        """A request cancelled before it had a row: it ends, with nothing to say."""
+        self.cancelled += 1
+        request.emit(None, None)
