@@ -17,14 +17,17 @@ import json
 import time
 import uuid
 from dataclasses import replace
+from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .generate import SamplingParams, TextDelta
+from .openapi import document
 from .scheduler import QueueFull, Request as Job, Scheduler
 from .tool_calls import OutputParser, ToolError, normalize_calls, normalize_tools, openai_call
 
@@ -42,21 +45,34 @@ def error_body(message, kind="invalid_request_error", param=None, code=None):
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def integral(value):
+    """JSON Schema's integer: 12 and 12.0 are one number (a float with no fraction); "12" stays a string."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 64 else value
+
+
+Integer = Annotated[int, BeforeValidator(integral)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_usage: bool = False
+
+
 class ChatRequest(BaseModel):
     # Fields we do not use are ignored (OpenAI clients send many); the ones we use keep their JSON types, as
     # OpenAI checks them: "stream": "yes" or "max_tokens": "12" is a 400, not a guess.
     model_config = ConfigDict(extra="allow", strict=True)
-    model: str | None = None
+    model: str = "minimind"
     messages: list
     stream: bool = False
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Integer | None = None
+    max_completion_tokens: Integer | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
-    n: int = Field(default=1, ge=1)
-    stream_options: dict | None = None
+    seed: Integer | None = Field(default=None, ge=-INT64, lt=INT64)
+    n: Integer = Field(default=1, ge=1)
+    stream_options: StreamOptions | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
@@ -103,11 +119,17 @@ def normalize_messages(messages) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise APIError(400, f"{where} must be an object", where)
-        role = ROLE_ALIASES.get(m.get("role"))
+        role = ROLE_ALIASES.get(m.get("role")) if isinstance(m.get("role"), str) else None
         if role is None:
             raise APIError(400, f"{where}.role {m.get('role')!r} is not one of system, developer, user, assistant, "
                                 f"tool", f"{where}.role")
         turn = {"role": role, "content": message_text(m.get("content"), f"{where}.content", role == "assistant")}
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if key in m and not isinstance(m[key], str):
+                raise APIError(400, f"{where}.{key} must be a string", f"{where}.{key}")
+        if role == "tool" and "tool_call_id" not in m:
+            raise APIError(400, f"{where}.tool_call_id is required in a tool message (the id of the call it answers)",
+                           f"{where}.tool_call_id")
         if role == "assistant" and m.get("tool_calls"):
             turn["tool_calls"] = tool_fields(normalize_calls, m["tool_calls"], None, f"{where}.tool_calls")
             check_text(json.dumps(turn["tool_calls"], ensure_ascii=False), f"{where}.tool_calls")
@@ -145,7 +167,8 @@ def json_format(response_format) -> tuple[bool, dict | None]:
     if kind == "json_object":
         return True, None
     spec = response_format.get("json_schema")
-    if kind != "json_schema" or not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+    if kind != "json_schema" or not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict) \
+            or not isinstance(spec.get("name", ""), str) or not isinstance(spec.get("strict", False), bool):
         raise APIError(400, "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': "
                             "'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}", "response_format")
     return True, spec.get("schema")
@@ -198,6 +221,14 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
     defaults = defaults or SamplingParams(max_new_tokens=context, temperature=1.0)  # OpenAI's
     created = int(time.time())
     app.state.scheduler = scheduler
+
+    def openapi():
+        if app.openapi_schema is None:
+            app.openapi_schema = document(get_openapi(title=app.title, version=app.version, routes=app.routes),
+                                          max_batch, context, api_key is not None)
+        return app.openapi_schema
+
+    app.openapi = openapi
     compiled_for = {}  # the grammar compiler, made on the first request that needs one
 
     def grammars():
@@ -246,7 +277,11 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, e: StarletteHTTPException):
         return JSONResponse(error_body(str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error"),
-                            status_code=e.status_code)
+                            status_code=e.status_code, headers=e.headers)  # a 405's Allow
+
+    @app.exception_handler(Exception)
+    async def unexpected(_, e: Exception):  # a bug: still OpenAI's error body, never a bare text page
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -312,7 +347,7 @@ def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | No
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         answers = [Answer([t["name"] for t in shown or []]) for _ in range(body.n)]
         if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
+            usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(stream_chunks(job, events, rid, model_name, len(prompt), usage, answers),
                                      media_type="text/event-stream")
         completion = 0
