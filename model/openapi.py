@@ -84,25 +84,25 @@ ANSWER = {"type": "object", "required": ["role", "content"], "properties": {
     "reasoning_content": {"type": "string"}, "tool_calls": {"type": "array", "items": TOOL_CALL}}}
 USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
          "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
-COMPLETION = {"type": "object", "title": "ChatCompletion", "required": ["id", "object", "created", "model", "choices"],
-              "properties": {
-                  "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"},
-                  "model": {"type": "string"}, "usage": USAGE,
-                  "choices": {"type": "array", "items": {
-                      "type": "object", "required": ["index", "message", "finish_reason"], "properties": {
-                          "index": {"type": "integer"}, "message": ANSWER,
-                          "finish_reason": {"enum": ["stop", "length", "tool_calls"]}}}}}}
+FINISH = {"enum": ["stop", "length", "tool_calls"]}
 DELTA = {"type": "object", "properties": {
     "role": {"const": "assistant"}, "content": {"type": "string"}, "reasoning_content": {"type": "string"},
     "tool_calls": {"type": "array", "items": {"allOf": [TOOL_CALL, {"type": "object", "required": ["index"]}]}}}}
-CHUNK = {"type": "object", "title": "ChatCompletionChunk", "required": ["id", "object", "created", "model", "choices"],
-         "properties": {
-             "id": {"type": "string"}, "object": {"const": "chat.completion.chunk"}, "created": {"type": "integer"},
-             "model": {"type": "string"}, "usage": USAGE,
-             "choices": {"type": "array", "items": {
-                 "type": "object", "required": ["index", "delta", "finish_reason"], "properties": {
-                     "index": {"type": "integer"}, "delta": DELTA,
-                     "finish_reason": nullable({"enum": ["stop", "length", "tool_calls"]})}}}}}
+
+
+def completion(title: str, kind: str, field: str, schema: dict, finish: dict) -> dict:
+    """A chat.completion (each choice a `message`) or a chat.completion.chunk (each a `delta`)."""
+    return {"type": "object", "title": title, "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": {"type": "string"}, "object": {"const": kind}, "created": {"type": "integer"},
+                "model": {"type": "string"}, "usage": USAGE,
+                "choices": {"type": "array", "items": {
+                    "type": "object", "required": ["index", field, "finish_reason"],
+                    "properties": {"index": {"type": "integer"}, field: schema, "finish_reason": finish}}}}}
+
+
+COMPLETION = completion("ChatCompletion", "chat.completion", "message", ANSWER, FINISH)
+CHUNK = completion("ChatCompletionChunk", "chat.completion.chunk", "delta", DELTA, nullable(FINISH))
 # One server-sent event (OpenAPI 3.1 reads an event stream's schema as each event's): a chunk, an error (the
 # status line is already sent when a row fails), then "[DONE]".
 EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
