@@ -32,6 +32,9 @@ def build_parser():
     parser.add_argument("--max_queue", type=int, default=64, help="requests waiting for a row; beyond: HTTP 429")
     parser.add_argument("--prefill_chunk", type=int, default=512,
                         help="prompt tokens prefilled per step: a longer prompt is prefilled in chunks between steps")
+    parser.add_argument("--gather_ms", type=float, default=3.0,
+                        help="a burst of requests shares one prefill: prompts wait until none arrived for this long "
+                             "(at most 10x; 0: admit at once)")
     parser.add_argument("--context_length", type=int, default=None,
                         help="prompt + completion limit (default: max_seq_len, times the --rope_scaling factor)")
     for dashed in ("--api-key", "--model-name"):  # the spelling earlier versions showed, still accepted
@@ -60,7 +63,7 @@ def main(argv=None):
     scaling = parse_rope_scaling(args.rope_scaling)
     context = args.context_length or int(engine.config.max_seq_len * (scaling["factor"] if scaling else 1))
     app = create_app(engine, tokenizer, args.model_name, args.api_key, args.max_batch, context, defaults,
-                     args.max_queue, args.prefill_chunk, scheduler_in_thread=False)
+                     args.max_queue, args.prefill_chunk, scheduler_in_thread=False, gather_ms=args.gather_ms)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {args.ckpt} as '{args.model_name}' on http://{host}:{args.port}/v1 "

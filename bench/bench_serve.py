@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,13 +42,18 @@ def start(ckpt, extra):
     raise RuntimeError("server did not start")
 
 
+# One client for every request, its connections kept open (as a load generator's session): creating a client and
+# a connection per request costs milliseconds of the two cores the server needs too.
+HTTP = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+
+
 def one_request(url, i, max_tokens):
     body = {"model": "minimind", "messages": [{"role": "user", "content": f"Question {i}: what is the capital?"}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first, tokens = None, 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+    with HTTP.stream("POST", url + "/v1/chat/completions", json=body) as r:
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -75,6 +81,21 @@ def load(url, clients, requests, max_tokens):
             "tps": sum(r[2] for r in results) / wall}
 
 
+def burst(url, clients, max_tokens):
+    """Median time to first token of `clients` streams sent at the same instant, and of one stream alone (the
+    median of as many, one after another)."""
+    gate = threading.Barrier(clients)
+
+    def together(i):
+        gate.wait()
+        return one_request(url, i, max_tokens)[0]
+
+    alone = statistics.median(one_request(url, i, max_tokens)[0] for i in range(clients))
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        burst = statistics.median(pool.map(together, range(clients)))
+    return alone, burst
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default=None)
@@ -82,6 +103,7 @@ def main():
     parser.add_argument("--max_tokens", type=int, default=64, help="the mean answer length (from half to 1.5x)")
     parser.add_argument("--clients", default="1,4,16,32")
     parser.add_argument("--dtype", default="float32", help="the servers' --dtype (bfloat16: bf16 weights)")
+    parser.add_argument("--burst", type=int, default=16, help="streams that arrive at once, for the burst's TTFT")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     ckpt = args.ckpt
@@ -104,6 +126,8 @@ def main():
         try:
             one_request(url, -1, 4)  # warm-up
             results[name] = {clients: load(url, clients, args.requests, args.max_tokens) for clients in levels}
+            if "continuous" in name:
+                bursts = [burst(url, args.burst, 32) for _ in range(3)]
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -117,6 +141,9 @@ def main():
                          f"{r['ttft'] * 1000:.0f}", f"{r['p90'] * 1000:.0f}", f"{r['ttft'] / single['ttft']:.1f}"))
     table(rows, ("server", "clients", "requests/s", "tokens/s", f"tokens/s vs {levels[0]} client",
                  "median TTFT ms", "p90 TTFT ms", f"median TTFT vs {levels[0]} client"))
+    print(f"\n{args.burst} streams arriving at once (32 new tokens each), continuous batching, three bursts:")
+    table([(f"{alone * 1000:.0f}", f"{together * 1000:.0f}", f"{together / alone:.1f}") for alone, together in bursts],
+          ("median TTFT alone ms (baseline)", f"median TTFT in the burst of {args.burst} ms", "burst vs alone"))
 
 
 if __name__ == "__main__":

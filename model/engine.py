@@ -214,7 +214,11 @@ def quantize_int8(model):
     """
     import warnings
 
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as e:
+        raise InputError("int8 weights need torchao, an optional install: pip install torchao==0.18.0 "
+                         "(requirements-eval.txt)") from e
 
     with warnings.catch_warnings():
         # Compiling works; the warning says only that the compiled graph is not cached on disk for the next process.

@@ -18,6 +18,7 @@ is shared between requests but the batched forward pass; a failure in one row's 
 alone, with an error event to its client.
 """
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -42,6 +43,7 @@ class Request:
     cancelled: bool = False
     open_choices: int = 0
     generated: int = 0  # tokens generated so far, all choices
+    arrived: float = 0.0  # when it was submitted (time.perf_counter)
 
 
 @dataclass(eq=False)  # rows are compared by identity
@@ -66,16 +68,23 @@ class Row:
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 512,
-                 capacity: int | None = None, in_thread: bool = True):
+                 capacity: int | None = None, in_thread: bool = True, gather_ms: float = 0.0):
         """The worker loop runs in a thread of its own, or (in_thread=False) in whichever thread calls `run()`:
         torch's CPU kernels run about twice as fast in the process's main thread as in a second one here (its
-        OpenMP team stays warm), so the server runs the loop there and HTTP in a thread."""
+        OpenMP team stays warm), so the server runs the loop there and HTTP in a thread.
+
+        `gather_ms`: requests that arrive together (a burst) reach the scheduler over several milliseconds, as the
+        HTTP thread parses them one by one; short prompts wait until none has arrived for that long (at most ten
+        times as long), so that the burst shares one prefill instead of a prefill per early arrival (vLLM's
+        scheduler delays prompts for the same reason)."""
         self.engine, self.tokenizer = as_engine(model), tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.cache: KVCache = self.engine.new_cache(max_batch, capacity or self.engine.config.max_seq_len)
         self.eos = tokenizer.eos_token_id
         self.rows: list[Row] = []  # decoding rows: rows[i].slot == i, row i of the cache
         self.waiting: deque[Request] = deque()
+        self.gather = gather_ms / 1000
+        self.last_arrival = 0.0
         self.long: tuple[Request, int] | None = None  # a long prompt being prefilled, and how much of it is in
         self.lock, self.wake = threading.Lock(), threading.Event()
         self.sampler = None  # rebuilt when the decoding rows change
@@ -91,6 +100,7 @@ class Scheduler:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already (--max_queue {self.max_queue})")
             self.waiting.append(request)
+            request.arrived = self.last_arrival = time.perf_counter()
         self.wake.set()
         return request
 
@@ -161,6 +171,8 @@ class Scheduler:
                 self.long = None
                 self._start([(request, tail, logits[0])])
             return
+        if self._gathering():
+            return
         group = self._take_group()
         if not group:
             return
@@ -175,6 +187,20 @@ class Scheduler:
                     self._fail(request, e)
             return
         self._start([(r, len(self.rows) + i, row_logits) for i, (r, row_logits) in enumerate(zip(group, logits))])
+
+    def _gathering(self) -> bool:
+        """Whether to leave the waiting requests a moment longer, for more of a burst to join them. With no row
+        decoding the worker sleeps until the next arrival or the end of the quiet time; else the rows step."""
+        if not self.gather or not self.waiting:
+            return False
+        now = time.perf_counter()
+        quiet = self.last_arrival + self.gather - now
+        if quiet <= 0 or now - self.waiting[0].arrived >= 10 * self.gather:
+            return False
+        if not self.rows:
+            self.wake.clear()
+            self.wake.wait(timeout=quiet)
+        return True
 
     def _take_long(self):
         with self.lock:
@@ -347,3 +373,4 @@ class Scheduler:
         """A request cancelled before it had a row: it ends, with nothing to say."""
         self.cancelled += 1
         request.emit(None, None)
+

@@ -210,14 +210,14 @@ class Answer:
 
 def create_app(model, tokenizer, model_name: str = "minimind", api_key: str | None = None, max_batch: int = 16,
                context_length: int | None = None, defaults: SamplingParams | None = None, max_queue: int = 64,
-               prefill_chunk: int = 512, scheduler_in_thread: bool = True) -> FastAPI:
+               prefill_chunk: int = 512, scheduler_in_thread: bool = True, gather_ms: float = 0.0) -> FastAPI:
     """`model`: a model or an Engine (model/engine.py). `defaults` sample what a request leaves out (top_k and
     repetition_penalty, which OpenAI's API lacks, always; max_tokens capped by the context); without them, OpenAI's:
     temperature 1, top_p 1, up to the context."""
     app = FastAPI(title="MiniMind OpenAI-compatible API")
     context = context_length or model.config.max_seq_len
     scheduler = Scheduler(model, tokenizer, max_batch, max_queue, prefill_chunk, capacity=context,
-                          in_thread=scheduler_in_thread)  # else the caller runs app.state.scheduler.run()
+                          in_thread=scheduler_in_thread, gather_ms=gather_ms)  # else the caller runs app.state.scheduler.run()
     defaults = defaults or SamplingParams(max_new_tokens=context, temperature=1.0)  # OpenAI's
     created = int(time.time())
     app.state.scheduler = scheduler
@@ -374,6 +374,8 @@ async def next_events(job: Job, events: asyncio.Queue, request: Request | None =
     while True:
         if held is not None:
             index, item, held = *held, None
+        elif not events.empty():  # no timer to set up when the next event is already here (most of them, busy)
+            index, item = events.get_nowait()
         else:
             try:
                 index, item = await asyncio.wait_for(events.get(), timeout=0.5)
@@ -426,3 +428,4 @@ async def stream_chunks(job: Job, events: asyncio.Queue, rid: str, name: str, pr
     finally:
         if not done:  # the client went away and closed this generator: its rows stop at the next step
             job.cancelled = True
+

@@ -1,6 +1,8 @@
 """The inference engine: prepared models decode exactly as plain ones, rows of any lengths step together, the
 compiled step serves every length and row count with one graph, int8, and what the engine refuses."""
 import copy
+import importlib.util
+import sys
 
 import pytest
 import torch
@@ -145,6 +147,20 @@ def test_compiled_step_follows_a_cast_and_refuses_a_model_changed_after_preparin
         tokens(engine, prompt, params)
 
 
+def test_int8_without_torchao_is_one_clear_line(monkeypatch):
+    from model.errors import InputError
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(InputError, match=r"^int8 weights need torchao, an optional install: pip install torchao"):
+        Engine(tiny_model(), quantize="int8")
+
+
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="torchao is optional (requirements-eval.txt)")
+
+
+@needs_torchao
 def test_int8_weights():
     """quantize_int8: every Linear's weight becomes int8 with a scale per row (torchao), logits stay near the
     full-precision ones, and the compiled int8 step gives the eager int8 model's greedy tokens."""

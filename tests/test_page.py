@@ -1,4 +1,5 @@
 """The streamlit chat page, through streamlit's AppTest, and the chat scripts."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def test_interactive_chat(out_dir):
     assert done.stdout.count("🤖: ") == 2
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is optional (requirements-eval.txt)")
 def test_chat_with_int8_weights_and_the_compiled_step(out_dir):
     """The fast CPU flags together, through the real script: it answers, and torchao's import (CUDA-only kernel
     libraries it cannot load here) leaves no warnings on the user's terminal."""

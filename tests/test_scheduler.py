@@ -168,3 +168,25 @@ def test_a_row_that_fails_ends_alone(model, tokenizer):
     assert bad.errors and "cannot decode" in str(bad.errors[0])
     assert all(not c.errors and c.finish[0] in ("stop", "length") for c in good)
     assert scheduler.thread is not None and scheduler.failed == 1
+
+
+def test_a_burst_that_arrives_over_several_milliseconds_shares_one_prefill(model, tokenizer):
+    """Requests of a burst reach the scheduler one by one (the HTTP thread parses them in turn); with gather_ms
+    they wait for each other and go through one prefill, and each still gets its text alone."""
+    questions = ["one", "two two", "three three three", "four"]
+    params = SamplingParams(max_new_tokens=6)
+    alone = [generate_text(model, tokenizer, [prompt(tokenizer, q)], params)[0]["text"] for q in questions]
+    scheduler = Scheduler(model, tokenizer, max_batch=4, gather_ms=300)
+    groups = []
+    prefill = scheduler.engine.prefill
+    scheduler.engine.prefill = lambda cache, first, prompts: groups.append(len(prompts)) or prefill(cache, first,
+                                                                                                   prompts)
+    clients = [Client(prompt(tokenizer, q), params) for q in questions]
+    for c in clients:
+        scheduler.submit(c.request)
+        time.sleep(0.01)
+    for c in clients:
+        c.wait()
+    scheduler.stop()
+    assert groups == [4]
+    assert [c.texts[0] for c in clients] == alone

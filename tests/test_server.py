@@ -335,6 +335,6 @@ def test_a_port_in_use_is_one_line_and_nothing_says_serving(served_model, demo_d
 
 
 def test_the_chat_page_listens_on_this_machine_only():
-    shown = subprocess.run([str(ROOT / ".venv" / "bin" / "streamlit") if (ROOT / ".venv").exists() else "streamlit",
-                            "config", "show"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    shown = subprocess.run([sys.executable, "-m", "streamlit", "config", "show"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
     assert 'address = "127.0.0.1"' in shown.stdout
