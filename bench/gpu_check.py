@@ -54,8 +54,8 @@ def last_line(output: str) -> str:
 class Check:
     """The rows and what they share: the work folder, the device, the logs."""
 
-    def __init__(self, work: Path, device: str):
-        self.work, self.device = work, device
+    def __init__(self, work: Path, device: str, nproc: int = 1):
+        self.work, self.device, self.nproc = work, device, nproc
         self.tok = work / "tokenizer"
         (work / "logs").mkdir(parents=True, exist_ok=True)
 
@@ -88,7 +88,7 @@ class Check:
                           "--learning_rate", "3e-3", "--warmup_iters", "2", *flags, launcher=launcher)
 
     def torchrun(self):
-        return [PY, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", free_port()]
+        return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(self.nproc), "--master_port", free_port()]
 
     def trained(self, out: str, run: str, output: str) -> list:
         """The run's logged losses, after checking that it wrote its output and that every loss is finite."""
@@ -150,12 +150,13 @@ class Check:
 
     def launched(self, name: str, describes: str, *flags, launcher):
         out = self.run(name, self.pretrain(name, "--max_steps", "6", *flags, launcher=launcher), 240)
-        if f"{describes} over 1 process ({self.backend})" not in out:
+        processes = f"{self.nproc} process" + ("es" if self.nproc > 1 else "")
+        if f"{describes} over {processes} ({self.backend})" not in out:
             raise Failed(f"the run did not say it used {describes} over {self.backend}")
         self.trained(name, "pretrain_64", "pretrain_64.safetensors")
 
     def deepspeed(self):
-        launcher = [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", free_port()]
+        launcher = [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.nproc), "--master_port", free_port()]
         self.launched("deepspeed", "DeepSpeed ZeRO-2", "--deepspeed", "ds_config.json", "--save_interval", "3",
                       launcher=launcher)
         if not (self.work / "deepspeed" / "pretrain_64" / "checkpoints" / "step_00000006" / "deepspeed").is_dir():
@@ -178,17 +179,41 @@ class Check:
             raise Failed(f"did not resume from a checkpoint between steps 40 and 400: {last_line(out)}")
         self.trained("resume", "pretrain_64", "pretrain_64.safetensors")
 
-    def grpo(self):
+    def grpo_prompts(self) -> Path:
         prompts = self.work / "grpo_prompts.jsonl"
-        with open(self.work / "data" / "held_out.jsonl") as f, atomic_writer(prompts, "w") as out:
-            for line in f:
-                row = json.loads(line)
-                out.write(json.dumps({"prompt": row["question"], "answer": row["answer"]}, ensure_ascii=False) + "\n")
-        self.run("grpo", [PY, *self.train("6-grpo_train.py", "run", "--ckpt", self.sft, "--data_path", prompts,
-                                          "--reward", "exact_match", "--num_generations", "4", "--batch_size", "4",
-                                          "--max_new_tokens", "16", "--max_steps", "4", "--iterations", "2",
-                                          "--beta", "0.04")], 240)
+        if not prompts.exists():
+            with open(self.work / "data" / "held_out.jsonl") as f, atomic_writer(prompts, "w") as out:
+                for line in f:
+                    row = json.loads(line)
+                    out.write(json.dumps({"prompt": row["question"], "answer": row["answer"]}, ensure_ascii=False)
+                              + "\n")
+        return prompts
+
+    def grpo(self):
+        self.run("grpo", [PY, *self.train("6-grpo_train.py", "run", "--ckpt", self.sft, "--data_path",
+                                          self.grpo_prompts(), "--reward", "exact_match", "--num_generations", "4",
+                                          "--batch_size", "4", "--max_new_tokens", "16", "--max_steps", "4",
+                                          "--iterations", "2", "--beta", "0.04")], 240)
         self.trained("run", "grpo_64", "grpo_64.safetensors")
+
+    def fsdp_grpo(self):
+        """GRPO under FSDP2 with greedy validation: rollouts sample from a gathered copy (ranks whose completions end
+        at different steps must not issue different numbers of collectives)."""
+        prompts = self.grpo_prompts()
+        self.run("fsdp_grpo", self.train("6-grpo_train.py", "fsdp_grpo", "--strategy", "fsdp", "--ckpt", self.sft,
+                                         "--data_path", prompts, "--val_path", prompts, "--eval_interval", "2",
+                                         "--reward", "exact_match", "--num_generations", "4", "--batch_size", "4",
+                                         "--max_new_tokens", "16", "--max_steps", "4", "--beta", "0.04",
+                                         launcher=self.torchrun()), 300)
+        self.trained("fsdp_grpo", "grpo_64", "grpo_64.safetensors")
+
+    def fsdp_lora(self):
+        """LoRA under FSDP2, its adapter and merged model written from the gathered state."""
+        self.run("fsdp_lora", self.train("4-lora_sft.py", "fsdp_lora", "--strategy", "fsdp", "--ckpt", self.sft,
+                                         "--data_path", self.work / "data" / "sft_data.jsonl", "--max_seq_len", "64",
+                                         "--batch_size", "8", "--max_steps", "4", "--lora_rank", "4", "--merge",
+                                         launcher=self.torchrun()), 300)
+        self.trained("fsdp_lora", "lora_sft_64", "lora_sft_64_merged.safetensors")
 
     def distill(self):
         self.run("distill", [PY, *self.train("7-distill.py", "run", "--teacher", self.sft, "--init_from",
@@ -229,12 +254,34 @@ class Check:
                 "max_tokens": 16, "temperature": 0})
             if reply.status_code != 200 or not isinstance(reply.json()["choices"][0]["message"]["content"], str):
                 raise Failed(f"POST /v1/chat/completions: {reply.status_code} {reply.text[:200]}")
+            self.constrained_beside_greedy(url, reply.json()["choices"][0]["message"]["content"])
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+    def constrained_beside_greedy(self, url, alone: str):
+        """A json_object request (its grammar's bitmask applied to logits on the GPU) beside four greedy ones: it
+        parses, and each greedy answer is the one the same question got alone."""
+        import httpx
+
+        ask = {"model": "minimind", "messages": [{"role": "user", "content": "What is the capital of Italy?"}],
+               "max_tokens": 16, "temperature": 0}
+        as_json = {**ask, "response_format": {"type": "json_object"}, "temperature": 0.7, "max_tokens": 24}
+        with ThreadPoolExecutor(5) as pool:
+            replies = list(pool.map(lambda body: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60),
+                                    [as_json, ask, ask, ask, ask]))
+        if any(r.status_code != 200 for r in replies):
+            raise Failed(f"constrained beside greedy: {[r.status_code for r in replies]} {replies[0].text[:200]}")
+        try:
+            json.loads(replies[0].json()["choices"][0]["message"]["content"])
+        except ValueError as e:
+            raise Failed(f"the json_object answer does not parse: {e}") from None
+        changed = [r.json()["choices"][0]["message"]["content"] for r in replies[1:]]
+        if any(text != alone for text in changed):
+            raise Failed(f"greedy answers beside a constrained row changed: {alone!r} -> {changed}")
 
     def ceval(self):
         out = self.run("ceval", [PY, "eval_ceval.py", "--ckpt", self.sft, "--device", self.device, "--data_dir",
@@ -298,13 +345,16 @@ def rows_of(check: Check):
         ("data", "demo data, tokenizer, tokens", (), check.data),
         ("pretrain", "pretrain, bf16, --compile", ("data",), check.pretrain_bf16_compiled),
         ("fp16", "pretrain, fp16 + GradScaler, 2 steps", ("data",), check.fp16),
-        ("ddp", f"torchrun --nproc_per_node 1, DDP ({check.backend})", ("data",),
+        ("ddp", f"torchrun --nproc_per_node {check.nproc}, DDP ({check.backend})", ("data",),
          lambda: check.launched("ddp", "DDP", launcher=check.torchrun())),
-        ("fsdp", f"torchrun --nproc_per_node 1, FSDP2 ({check.backend})", ("data",),
+        ("fsdp", f"torchrun --nproc_per_node {check.nproc}, FSDP2 ({check.backend})", ("data",),
          lambda: check.launched("fsdp", "FSDP2", "--strategy", "fsdp", launcher=check.torchrun())),
-        ("deepspeed", "deepspeed --num_gpus 1, ZeRO-2", ("data",), check.deepspeed),
+        ("deepspeed", f"deepspeed --num_gpus {check.nproc}, ZeRO-2", ("data",), check.deepspeed),
         ("resume", "kill -9, then --resume auto", ("data",), check.kill_and_resume),
         ("bad_device", "--device cuda:N beyond the count", (), check.bad_device),
+        ("fsdp_grpo", f"torchrun --nproc_per_node {check.nproc}, FSDP2, GRPO with validation", ("sft",),
+         check.fsdp_grpo),
+        ("fsdp_lora", f"torchrun --nproc_per_node {check.nproc}, FSDP2, LoRA --merge", ("sft",), check.fsdp_lora),
         ("sft", "SFT", ("pretrain",), check.sft_stage),
         ("lora", "LoRA (--merge)", ("sft",), check.lora),
         ("dpo", "full DPO", ("sft",), lambda: check.dpo(lora=False)),
@@ -313,7 +363,7 @@ def rows_of(check: Check):
         ("distill", "distillation from the SFT model", ("sft",), check.distill),
         ("gen_fp32", "generate, fp32", ("sft",), check.generate),
         ("gen_bf16", "generate, bf16, --compile", ("sft",), lambda: check.generate("--dtype", "bfloat16", "--compile")),
-        ("server", "server round trip", ("sft",), check.server),
+        ("server", "server round trip; json_object beside greedy requests", ("sft",), check.server),
         ("ceval", "C-Eval (demo set)", ("sft",), check.ceval),
         ("export", "export hf, llama, gguf", ("dpo",), check.export),
     ]
@@ -381,6 +431,9 @@ def main():
     parser.add_argument("--only", default=None, help="comma-separated row ids (and what they need); "
                                                      "'throughput' for the MFU row")
     parser.add_argument("--rehearse_on_cpu", action="store_true", help="run the rows on the CPU (slow)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes for the multi-process rows (DDP, FSDP2, DeepSpeed): one per GPU, or gloo "
+                             "processes with --rehearse_on_cpu")
     parser.add_argument("--keep", action="store_true", help="keep the work folder even when every row passed")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.rehearse_on_cpu:
@@ -389,7 +442,9 @@ def main():
         return 0
     start = time.time()
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    check = Check(work, "cpu" if args.rehearse_on_cpu else "cuda")
+    if not args.rehearse_on_cpu and args.nproc > torch.cuda.device_count():
+        parser.error(f"--nproc {args.nproc}: this machine has {torch.cuda.device_count()} GPU(s)")
+    check = Check(work, "cpu" if args.rehearse_on_cpu else "cuda", args.nproc)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.rehearse_on_cpu else "CPU rehearsal"
     print(f"gpu_check on {gpu}: torch {torch.__version__}, CUDA {torch.version.cuda}; work folder {work}", flush=True)
     rows = rows_of(check)

@@ -25,6 +25,32 @@ def transformer_blocks(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+def is_sharded(model) -> bool:
+    """Whether `model` is an FSDP2 module (its weights sharded over the processes)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gathered_copy(model, copy=None):
+    """A plain module holding an FSDP2 model's current weights whole, on every rank: what generation runs on. Each
+    rank then decodes alone, for as many steps as its own rows need, with no collective inside the loop (through
+    the sharded model, a rank whose rows ended early would stop all-gathering and the others would wait forever),
+    and generation's inference mode never touches the parameters the optimizer updates. One gather per call, the
+    same on every rank; `copy` (from the last call) is refilled in place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    if hasattr(model, "peft_config"):
+        raise InputError("GRPO with LoRA under --strategy fsdp is not supported: use --strategy ddp")
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    if copy is None:
+        plain = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+        copy = plain(model.config).to(next(iter(state.values())).device).requires_grad_(False)
+    copy.load_state_dict(state)
+    return copy.eval()
+
+
 def launched() -> bool:
     """Started by torchrun, deepspeed or accelerate (they set WORLD_SIZE), even with a single process."""
     return "WORLD_SIZE" in os.environ
@@ -259,8 +285,11 @@ class DeepSpeed(MultiProcess):
     def place_frozen(self, module):
         # The engine runs the policy with its weights cast to bf16/fp16; a frozen reference in another precision
         # would make DPO compare log-probs of two different models.
+        # Cast as loading.cast_model casts: RoPE's frequencies stay fp32, as the engine's policy keeps its buffers.
+        from .loading import cast_model
+
         module = super().place_frozen(module)
-        return module.to(self.amp_dtype) if self.amp_dtype is not None else module
+        return cast_model(module, self.amp_dtype) if self.amp_dtype is not None else module
 
     def backward(self, loss, sync):
         self.model.backward(loss)

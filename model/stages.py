@@ -172,9 +172,28 @@ def add_lora(model, base_path: str, rank: int, alpha: float, dropout: float, tar
     return peft_model
 
 
+def whole_adapter_model(model, state: dict):
+    """A peft model on the CPU, built afresh and filled from `state`, the gathered state dict of `model`: under
+    FSDP2 rank 0's live model holds only its shard, which peft would save (or merge) as if it were the model."""
+    import copy
+
+    from peft import get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+
+    base = model.get_base_model()
+    plain = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
+    whole = get_peft_model(plain(base.config), copy.deepcopy(model.peft_config["default"]))
+    whole.load_state_dict(state)
+    return whole
+
+
 def adapter_saver(name: str, merge: bool, metadata: dict | None = None):
     """peft's adapter folder (adapter_config.json + adapter_model.safetensors); with merge, a full model too."""
     def save(model, state, out_dir: Path) -> Path:
+        from .distributed import is_sharded
+
+        if is_sharded(model):
+            model = whole_adapter_model(model, state)
         folder = Path(out_dir) / name
         model.save_pretrained(str(folder))
         if merge:
@@ -311,6 +330,7 @@ class GRPOLoss:
         self.kept = {}  # prompt rows of a batch -> its rollout, while its iterations last
         self.tokens = 0  # prompt + completion tokens of the last rollout, for the trainer's tokens/s
         self.rollouts = 0  # rollouts sampled so far: part of every completion's seed
+        self.replica = None  # under FSDP2, the whole copy of the policy that rollouts sample from
 
     # -- the trainer's hooks
     def state(self) -> dict:
@@ -362,7 +382,11 @@ class GRPOLoss:
         """per_prompt completions of each prompt (consecutive), each ending at its </s> or at max_new_tokens."""
         from .generate import SamplingParams, generate_ids
 
+        from .distributed import gathered_copy, is_sharded
+
         policy = unwrap(model)
+        if is_sharded(policy):  # FSDP2: generate on a whole copy of the weights (distributed.gathered_copy)
+            policy = self.replica = gathered_copy(policy, self.replica)
         was_training = policy.training
         policy.eval()
         rows = [p for p in prompts for _ in range(per_prompt)]

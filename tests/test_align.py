@@ -198,3 +198,19 @@ def test_gradient_checkpointing_trains_the_same_weights(demo_data, tiny_sft, tmp
         torch.testing.assert_close(checkpointed[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
     before = load_file(str(tiny_sft))
     assert any(not torch.equal(plain[k], before[k]) for k in plain if k in before) or stage == "lora"
+
+
+def test_lora_on_two_processes_saves_and_merges_the_whole_model_under_ddp_and_fsdp(demo_data, tiny_sft, tmp_path):
+    """The final adapter and merged model are written from the gathered state: under FSDP2 rank 0 holds only its
+    shard of the live model, so saving or merging that would write a shard (or fail). Both strategies save the
+    same adapter and merged weights."""
+    from test_train import launch, same_weights
+
+    for strategy in ("ddp", "fsdp"):
+        launch(["4-lora_sft.py", *lora_flags(demo_data, tiny_sft, tmp_path / strategy, "--max_steps", "3",
+                                             "--save_interval", "0", "--merge", "--strategy", strategy)])
+    for name in ("lora_sft_64/adapter_model.safetensors", "lora_sft_64_merged.safetensors"):
+        same_weights(tmp_path / "ddp" / name, tmp_path / "fsdp" / name, 1e-5)
+    merged = load_file(str(tmp_path / "fsdp" / "lora_sft_64_merged.safetensors"))
+    base = load_file(str(tiny_sft))
+    assert any(not torch.equal(merged[k], base[k]) for k in base if "wq" in k)  # the adapter is in it

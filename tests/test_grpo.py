@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import load_script, tiny_model
 from model.checkpoint import save_weights
-from test_train import launch, run_script_process, wait_for
+from test_train import launch, run_script_process, same_weights, wait_for
 
 REWARDS = '''
 def has_digit(completion, **fields):
@@ -42,7 +42,8 @@ def grpo_flags(demo_data, setup, out, *extra):
 
 
 def rewards(out):
-    return [json.loads(line)["reward"] for line in open(out / "grpo_64" / "metrics.jsonl") if "reward" in line]
+    rows = [json.loads(line) for line in open(out / "grpo_64" / "metrics.jsonl")]
+    return [r["reward"] for r in rows if "reward" in r]
 
 
 def test_grpo_raises_the_reward_of_a_toy_task(demo_data, grpo_setup, tmp_path, monkeypatch):
@@ -102,15 +103,22 @@ def test_grpo_samples_the_same_whether_it_validates_often_or_not(demo_data, grpo
     assert all(torch.equal(weights["1"][k], weights["0"][k]) for k in weights["1"])
 
 
-def test_grpo_on_two_processes(demo_data, grpo_setup, tmp_path):
+def test_grpo_on_two_processes_ddp_and_fsdp(demo_data, grpo_setup, tmp_path):
+    """Rollouts and greedy validation on two processes: under FSDP2 they run on a gathered copy of the policy, so
+    every rank issues the same collectives however long its own completions are, and nothing the rollout touched
+    in inference mode is a parameter the next step updates. Both strategies train the same weights."""
     import os
 
     os.environ["PYTHONPATH"] = str(grpo_setup) + os.pathsep + os.environ.get("PYTHONPATH", "")
     try:
-        launch(["6-grpo_train.py", *grpo_flags(demo_data, grpo_setup, tmp_path, "--max_steps", "3", "--beta", "0.05")])
+        for strategy in ("ddp", "fsdp"):
+            launch(["6-grpo_train.py", *grpo_flags(demo_data, grpo_setup, tmp_path / strategy, "--max_steps", "4",
+                                                   "--beta", "0.05", "--strategy", strategy, "--val_path",
+                                                   str(grpo_setup / "prompts.jsonl"), "--eval_interval", "2")])
+            assert len(rewards(tmp_path / strategy)) == 4
     finally:
         os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
-    assert len(rewards(tmp_path)) == 3 and (tmp_path / "grpo_64.safetensors").exists()
+    same_weights(tmp_path / "ddp" / "grpo_64.safetensors", tmp_path / "fsdp" / "grpo_64.safetensors", 1e-4)
 
 
 def test_distillation_brings_a_smaller_student_closer_to_its_teacher_than_sft(demo_data, tmp_path):

@@ -57,3 +57,29 @@ def test_a_training_micro_step_touches_only_the_trainers_device(stage, demo_data
     assert loss.device == meta
     trained = [p for p in trainer.raw_model.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None and p.grad.device == meta for p in trained)
+
+
+def test_deepspeed_casts_a_frozen_reference_as_the_policy_is_cast():
+    """Under DeepSpeed the engine runs the policy in bf16 with its RoPE frequencies in fp32 (buffers stay as they
+    are); a frozen reference (DPO's, GRPO's, a teacher) must be the same function, or DPO's rewards and GRPO's KL
+    are non-zero before any step."""
+    from model.distributed import DeepSpeed
+    from model.model import rope_inv_freq
+
+    strategy = object.__new__(DeepSpeed)  # the placement alone: no process group, no engine
+    strategy.device, strategy.amp_dtype = torch.device("cpu"), torch.bfloat16
+    reference = strategy.place_frozen(tiny_model())
+    assert reference.model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert reference.model.inv_freq.dtype == torch.float32
+    assert torch.equal(reference.model.inv_freq, rope_inv_freq(reference.config)[0])
+
+
+def test_auto_precision_asks_for_native_bf16_on_the_runs_own_gpu(monkeypatch):
+    """--dtype auto takes bf16 only where the GPU has it natively (emulated bf16 is slower than fp16 + GradScaler),
+    and asks after the process has picked its GPU."""
+    from model.trainer import resolve_precision
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: asked.append(kw) or False)
+    assert resolve_precision("cuda", "auto") is torch.float16
+    assert asked == [{"including_emulation": False}]
