@@ -103,10 +103,17 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="a tiny model and a few steps: a smoke run")
     parser.add_argument("--out_dir", default=None, help="default: out/demo (out/demo_tiny with --tiny)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's CPU threads for every stage (another count sums in another order, as another "
+                             "CPU does: bench/bench_demo_seeds.py --threads)")
     parser.add_argument("--learning_only", action="store_true",
                         help="the stages that learn and their measurements only (no chat samples, C-Eval, export, "
                              "server): what bench/bench_demo_seeds.py runs")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = TINY if args.tiny else FULL
     out = fresh_out_dir(Path(args.out_dir or ROOT / "out" / cfg["name"]))
     data, tok = out / "data", out / "tokenizer"
@@ -118,6 +125,7 @@ def main(argv=None):
     # (RoPE has no fixed length, and a batch pads only to its longest row).
     common, chat_common = flags(cfg["seq"]), flags(cfg["chat_seq"])
     timer, summary, failures = Timer(), {}, []
+    figures = {"qa": {}, "identity": {}}  # the numbers the lessons are judged on (model/evaluation.py: demo_lessons)
 
     import torch
 
@@ -175,10 +183,13 @@ def main(argv=None):
         summary["SFT val loss"] = f"{result['val_loss']:.3f}"
     with timer.stage("held-out fact QA and tool use after SFT"):
         qa, summary["held-out fact QA, after SFT"] = accuracy(sft, show=3)
+        figures["qa"]["SFT"] = {"en": qa["en"], "zh": qa["zh"]}
         summary["held-out fact QA, after SFT, sampled"] = sampled_accuracy(sft, tokenizer, held_out,
                                                                            cfg["sampled_seeds"], args.seed)
-        summary["'Who are you?' / '你是谁？', sampled"] = identity_answers(sft, tokenizer, 8, args.seed)
+        figures["identity"]["SFT"], summary["'Who are you?' / '你是谁？', sampled"] = \
+            identity_answers(sft, tokenizer, 8, args.seed)
         tool_result, summary["held-out tool use, after SFT"] = tools(sft)
+        figures["tool_use"] = tool_result["calls"]
         for r in tool_result["rows"][:2] + tool_result["rows"][-2:]:
             print(f"  {'✓' if r['right_answer'] else '✗'} {r['question']} -> {r['first']} -> {r['final']}")
 
@@ -187,7 +198,8 @@ def main(argv=None):
             ["--ckpt", str(sft), "--data_path", str(data / "sft_data.jsonl"), *chat_common, "--batch_size", "16",
              "--learning_rate", "1e-4", "--max_steps", str(cfg["lora_steps"]), "--epochs", "100", "--merge"])
         summary["LoRA val loss"] = f"{result['val_loss']:.3f}"
-        _, summary["held-out fact QA, LoRA merged"] = accuracy(Path(str(result["output"]) + "_merged.safetensors"))
+        r, summary["held-out fact QA, LoRA merged"] = accuracy(Path(str(result["output"]) + "_merged.safetensors"))
+        figures["qa"]["LoRA merged"] = {"en": r["en"], "zh": r["zh"]}
 
     with timer.stage("DPO"):
         before = preference_accuracy(load_model(sft), tokenizer, data / "dpo_held_out.jsonl")
@@ -201,10 +213,12 @@ def main(argv=None):
         metrics = [json.loads(line) for line in open(out / dpo.stem / "metrics.jsonl")]
         final = [m for m in metrics if "val_reward_accuracy" in m][-1]
         summary["DPO held-out reward accuracy (0% at the start)"] = f"{final['val_reward_accuracy']:.0%}"
+        figures["dpo_accuracy"] = final["val_reward_accuracy"]
         summary["DPO held-out log-prob margin chosen-rejected"] = \
             f"{before['margin']:.2f} -> {after['margin']:.2f} (prefers chosen {before['accuracy']:.0%} -> " \
             f"{after['accuracy']:.0%})"
-        _, summary["held-out fact QA, after DPO"] = accuracy(dpo)
+        r, summary["held-out fact QA, after DPO"] = accuracy(dpo)
+        figures["qa"]["DPO"] = {"en": r["en"], "zh": r["zh"]}
 
     with timer.stage("GRPO"):
         # Which continent a country is in: SFT asked it of the training countries, yet the DPO model mostly
@@ -225,9 +239,12 @@ def main(argv=None):
         after = reward_accuracy(grpo, tokenizer, questions)
         summary["GRPO held-out continents"] = f"EN {before['en']:.0%} / ZH {before['zh']:.0%} -> EN " \
                                               f"{after['en']:.0%} / ZH {after['zh']:.0%} ({len(questions)} questions)"
-        _, summary["held-out fact QA, after GRPO"] = accuracy(grpo)
+        figures["grpo"] = (before, after)
+        r, summary["held-out fact QA, after GRPO"] = accuracy(grpo)
+        figures["qa"]["GRPO"] = {"en": r["en"], "zh": r["zh"]}
         # What GRPO may cost: a question it never saw, answered in the form it rewards
-        summary["'Who are you?' / '你是谁？', after GRPO"] = identity_answers(grpo, tokenizer, 8, args.seed)
+        figures["identity"]["GRPO"], summary["'Who are you?' / '你是谁？', after GRPO"] = \
+            identity_answers(grpo, tokenizer, 8, args.seed)
         final_model = grpo
 
     with timer.stage("distillation"):
@@ -272,14 +289,18 @@ def main(argv=None):
                 failures.append("exports")
 
         with timer.stage("server round trip"):
-            summary["server round trip"] = server_round_trip(load_model(final_model), tokenizer, failures)
+            summary["server round trip"] = server_round_trip(load_model(final_model), tokenizer, failures, figures)
 
     images = out / "images"
     images.mkdir(exist_ok=True)
     for run in ("pretrain", "full_sft", "dpo", "grpo"):
         for png in out.glob(f"{run}_*/loss.png"):
             shutil.copy(png, images / f"demo_{run}_loss.png")
-    print_summary(timer.rows, summary, out, failures)
+    from model.evaluation import demo_lessons
+
+    lessons = [] if args.tiny else demo_lessons(figures)
+    failures += [lesson.name for lesson in lessons if not lesson.passed]
+    print_summary(timer.rows, summary, out, failures, lessons, tiny=args.tiny)
     return not failures
 
 
@@ -298,8 +319,9 @@ def sampled_accuracy(path, tokenizer, rows, seeds: int, seed: int) -> str:
     return f"EN {en:.0%} / ZH {zh:.0%} (mean of {seeds} seeds, temperature 0.7, top-p 0.9)"
 
 
-def identity_answers(path, tokenizer, samples: int, seed: int) -> str:
-    """How often a sampled answer to "Who are you?" / "你是谁？" is the one SFT taught."""
+def identity_answers(path, tokenizer, samples: int, seed: int) -> tuple:
+    """How often a sampled answer to "Who are you?" / "你是谁？" is the one SFT taught: ((hits per question,
+    samples), the summary's line)."""
     from model.demo_corpus import IDENTITY
     from model.evaluation import chat_prompt
     from model.generate import SamplingParams, generate_text
@@ -309,8 +331,8 @@ def identity_answers(path, tokenizer, samples: int, seed: int) -> str:
     for question, answer in IDENTITY:
         params = [SamplingParams(max_new_tokens=64, seed=seed + k, **CHAT_SAMPLING) for k in range(samples)]
         outputs = generate_text(model, tokenizer, [chat_prompt(tokenizer, question)] * samples, params)
-        parts.append(f"{sum(o['text'].strip() == answer for o in outputs)}/{samples}")
-    return " / ".join(parts) + " exactly as taught"
+        parts.append(sum(o["text"].strip() == answer for o in outputs))
+    return (parts, samples), " / ".join(f"{hits}/{samples}" for hits in parts) + " exactly as taught"
 
 
 def reward_accuracy(path, tokenizer, rows, reward="demo_fact") -> dict:
@@ -329,13 +351,18 @@ def reward_accuracy(path, tokenizer, rows, reward="demo_fact") -> dict:
     return {lang: sum(v) / len(v) for lang, v in hits.items()}
 
 
-def server_round_trip(model, tokenizer, failures: list) -> str:
-    """A question and a tool call through the OpenAI client; an empty answer or no call is a failure."""
+TOOL_QUESTION = ("What is 4521 plus 376?", "4521+376", 4897)  # the tool round trip: question, expression, answer
+
+
+def server_round_trip(model, tokenizer, failures: list, figures: dict) -> str:
+    """A question, then a tool round (the call, its result, the answer after it), through the OpenAI client. An
+    empty answer is a failure of the plumbing; whether the answers are right is judged with the lessons."""
     from openai import BadRequestError, OpenAI
 
-    from model.tools import DEMO_TOOLS
+    from model.tools import DEMO_TOOLS, run_tool_call
 
     server, thread, url = serve_in_thread(model, tokenizer)
+    question, expression, answer = TOOL_QUESTION
     try:
         client = OpenAI(base_url=url, api_key="none")
         reply = client.chat.completions.create(
@@ -344,23 +371,31 @@ def server_round_trip(model, tokenizer, failures: list) -> str:
         text = reply.choices[0].message.content or ""
         print(f"POST {url}/chat/completions -> {text!r}")
         try:
-            called = client.chat.completions.create(
-                model="minimind", messages=[{"role": "user", "content": "What is 4521 plus 376?"}],
-                tools=DEMO_TOOLS, max_tokens=48, temperature=0).choices[0]
+            messages = [{"role": "user", "content": question}]
+            called = client.chat.completions.create(model="minimind", messages=messages, tools=DEMO_TOOLS,
+                                                    max_tokens=48, temperature=0).choices[0]
             calls = called.message.tool_calls or []
-            shown = f"{calls[0].function.name}({calls[0].function.arguments})" if calls else \
-                repr(called.message.content)
+            call, final = None, called.message.content or ""
+            if calls:
+                call = {"name": calls[0].function.name, "arguments": calls[0].function.arguments}
+                messages += [called.message.model_dump(exclude_none=True),
+                             {"role": "tool", "tool_call_id": calls[0].id, "content": run_tool_call(call)}]
+                final = client.chat.completions.create(model="minimind", messages=messages, tools=DEMO_TOOLS,
+                                                       max_tokens=48, temperature=0).choices[0].message.content or ""
+            figures["tool_round"] = (call, final, expression, answer)
+            shown = f"{call['name']}({call['arguments']}) -> {final!r}" if call else repr(final)
             tool_line = f"{called.finish_reason} {shown}"
         except BadRequestError as e:  # --tiny's 64-token context cannot hold the tools' descriptions
-            calls, tool_line = None, f"not asked ({e.body['message'] if isinstance(e.body, dict) else e})"
+            tool_line = f"not asked ({e.body['message'] if isinstance(e.body, dict) else e})"
         print(f"POST with tools -> {tool_line}")
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+    figures["server"] = text
     if not text.strip():
         failures.append("server round trip")
         return "FAILED: an empty answer"
-    return f"ok: {text!r}; with tools: {tool_line}"
+    return f"{text!r}; with tools: {tool_line}"
 
 
 def export_checks(ckpt, tok, out) -> str:
@@ -387,8 +422,8 @@ def export_checks(ckpt, tok, out) -> str:
     return "; ".join(checks)
 
 
-def print_summary(rows, summary, out, failures=()):
-    width = max(len(k) for k in list(summary) + [r[0] for r in rows]) + 2
+def print_summary(rows, summary, out, failures=(), lessons=(), tiny=False):
+    width = max(len(k) for k in list(summary) + [r[0] for r in rows] + [lesson.name for lesson in lessons]) + 2
     print("\n" + "=" * 78 + "\nMiniMind demo summary\n" + "=" * 78)
     print(f"{'stage':<{width}} seconds")
     for name, seconds in rows:
@@ -396,11 +431,18 @@ def print_summary(rows, summary, out, failures=()):
     print(f"{'total':<{width}} {sum(s for _, s in rows):7.1f}\n")
     for k, v in summary.items():
         print(f"{k:<{width}} {v}")
+    if tiny:
+        print("\n--tiny checks the plumbing only: a tiny model learns none of the lessons, so none is judged")
+    else:
+        print(f"\n{'lesson':<{width}} {'result':<6} figure  (target)")
+        for lesson in lessons:
+            print(f"{lesson.name:<{width}} {'pass' if lesson.passed else 'FAIL':<6} {lesson.figure}  ({lesson.target})")
     if failures:
-        print(f"\nFAILED: {', '.join(failures)}")
+        print(f"\nFAILED: {', '.join(failures)} (the figures above; docs/demo.md says what each lesson measures)")
     print(f"\noutputs in {out}; loss curves in {out / 'images'}")
     with open(out / "summary.json", "w") as f:
-        json.dump({"seconds": dict(rows), **summary, "failures": list(failures)}, f, indent=2, ensure_ascii=False)
+        json.dump({"seconds": dict(rows), **summary, "failures": list(failures),
+                   "lessons": [vars(lesson) for lesson in lessons]}, f, indent=2, ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """How much the demo's lesson depends on the seed: the demo's learning stages (demo.py --learning_only) for N
 seeds, one after the other, and the min / median / max of every held-out figure per language.
 
-    python bench/bench_demo_seeds.py [--seeds 42,7,123] [--keep]
+    python bench/bench_demo_seeds.py [--seeds 42,7,123] [--threads default,1] [--keep]
 
 Each seed changes everything random: which countries are held out, the corpus's shuffling, the weights' init,
-the data order and the sampling. The figures quoted in the README are this script's output (the CPU is named).
+the data order and the sampling. Each seed also runs with each --threads setting: torch with one thread sums in
+another order, as another CPU does, so the minimum over the runs is what a lesson must hold at. The figures quoted
+in the README are this script's output (the CPU is named).
 """
 import argparse
 import json
@@ -49,30 +51,40 @@ def figures(summary: dict) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="42,7,123")
+    parser.add_argument("--threads", default="default,1", help="thread counts per seed ('default': torch's own)")
     parser.add_argument("--keep", action="store_true", help="keep each seed's output folder")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     root = Path(tempfile.mkdtemp(prefix="demo_seeds_"))
-    runs, seconds = {}, {}
+    runs, seconds, lessons = {}, {}, {}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        out = root / f"seed_{seed}"
-        start = time.time()
-        done = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--learning_only", "--seed", str(seed),
-                               "--out_dir", str(out)], cwd=ROOT, capture_output=True, text=True)
-        seconds[seed] = time.time() - start
-        if not (out / "summary.json").exists():
-            sys.exit(f"seed {seed}: the demo failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-        runs[seed] = figures(json.loads((out / "summary.json").read_text()))
-        print(f"seed {seed}: {seconds[seed]:.0f} s", flush=True)
+        for threads in args.threads.split(","):
+            run = f"{seed}/{threads}"
+            out = root / f"seed_{seed}_threads_{threads}"
+            start = time.time()
+            flags = [] if threads == "default" else ["--threads", threads]
+            done = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--learning_only", "--seed", str(seed),
+                                   *flags, "--out_dir", str(out)], cwd=ROOT, capture_output=True, text=True)
+            seconds[run] = time.time() - start
+            if not (out / "summary.json").exists():
+                sys.exit(f"seed {seed}, threads {threads}: the demo failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            summary = json.loads((out / "summary.json").read_text())
+            runs[run] = figures(summary)
+            for lesson in summary.get("lessons", []):
+                lessons.setdefault(lesson["name"], []).append(lesson["passed"])
+            print(f"seed {seed}, threads {threads}: {seconds[run]:.0f} s", flush=True)
     keys = [k for k in runs[next(iter(runs))] if all(k in r for r in runs.values())]
     rows = []
     for name, part in keys:
         values = [runs[s][(name, part)] for s in runs]
         rows.append((name, part, f"{min(values)}%", f"{statistics.median(values):g}%", f"{max(values)}%",
                      " ".join(f"{v}%" for v in values)))
-    print(f"\nseeds {', '.join(map(str, runs))} (demo.py --learning_only; {statistics.mean(seconds.values()):.0f} s a "
-          f"seed):")
-    table(rows, ("figure", "part", "min", "median", "max", "by seed"))
+    print(f"\nruns (seed/threads) {', '.join(runs)} (demo.py --learning_only; {statistics.mean(seconds.values()):.0f} s a "
+          f"run):")
+    table(rows, ("figure", "part", "min", "median", "max", "by run"))
+    if lessons:
+        print()
+        table([(name, f"{sum(passed)}/{len(passed)}") for name, passed in lessons.items()], ("lesson", "runs passed"))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     else:

@@ -1,7 +1,7 @@
 """Measurements: held-out fact QA on the demo world, C-Eval style multiple choice, DPO preference margins."""
 import csv
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from collections import defaultdict
 from pathlib import Path
 
@@ -205,3 +205,80 @@ def preference_accuracy(model, tokenizer, pairs_path, batch_size: int = 32, max_
         margins.append(chosen - rejected)
     margins = torch.cat(margins)
     return {"accuracy": (margins > 0).float().mean().item(), "margin": margins.mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------- the demo's report
+@dataclass
+class Lesson:
+    """One thing a stage must have taught, judged: the figure, the target it is held to, and whether it holds."""
+    name: str
+    figure: str
+    target: str
+    passed: bool
+
+
+def names_rome(text: str) -> bool:
+    """The server round trip's question is the capital of Italy: the answer must name Rome, and no other capital."""
+    import re
+
+    return bool(re.search(r"\bRome\b", text)) and not re.search(r"\b(Paris|Madrid|Berlin|Athens|Vienna)\b", text)
+
+
+def right_calculator_round(call: dict | None, final: str, expression: str, answer: int) -> bool:
+    """The tool round trip: one call of `calculator` whose expression is the question's (spaces aside), then a
+    final answer that holds the right number (as a whole number, not inside a longer one)."""
+    import re
+
+    if not call or call.get("name") != "calculator":
+        return False
+    arguments = call.get("arguments")
+    try:
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(arguments, dict) or set(arguments) != {"expression"} or \
+            str(arguments["expression"]).replace(" ", "") != expression.replace(" ", ""):
+        return False
+    return str(answer) in re.findall(r"\d+", final)
+
+
+def within(after: dict, before: dict, points: float) -> bool:
+    """Every language's accuracy `after` at most `points` below `before` (accuracies as shares)."""
+    return all(after[lang] >= before[lang] - points / 100 for lang in before)
+
+
+def demo_lessons(f: dict) -> list[Lesson]:
+    """The demo's lessons from its figures (`f`, see demo.py): what each stage must achieve, and that no later
+    stage undoes what SFT taught."""
+    pct = lambda d: f"EN {d['en']:.0%} / ZH {d['zh']:.0%}"  # noqa: E731
+    sft = f["qa"]["SFT"]
+    lessons = [Lesson("held-out capitals after SFT", pct(sft), ">= 90% each", min(sft.values()) >= 0.9)]
+    for stage in ("LoRA merged", "DPO", "GRPO"):
+        if stage in f["qa"]:
+            after = f["qa"][stage]
+            change = ", ".join(f"{lang.upper()} {100 * (after[lang] - sft[lang]):+.1f}" for lang in sft)
+            lessons.append(Lesson(f"held-out capitals kept after {stage}", f"{pct(after)} ({change} points)",
+                                  "within 2 points of after SFT, each", within(after, sft, 2)))
+    for stage, (hits, samples) in f["identity"].items():
+        lessons.append(Lesson(f"'Who are you?' / '你是谁？' after {stage}", " / ".join(f"{h}/{samples}" for h in hits),
+                              f">= {samples - 1}/{samples} each", min(hits) >= samples - 1))
+    if "dpo_accuracy" in f:
+        lessons.append(Lesson("DPO held-out reward accuracy", f"{f['dpo_accuracy']:.0%}", ">= 75%",
+                              f["dpo_accuracy"] >= 0.75))
+    if "grpo" in f:
+        before, after = f["grpo"]
+        gain = 100 * sum(after[k] - before[k] for k in before) / len(before)
+        lessons.append(Lesson("GRPO held-out continents", f"{pct(before)} -> {pct(after)} ({gain:+.1f} points)",
+                              "+25 points (mean), or >= 85% each", gain >= 25 or min(after.values()) >= 0.85))
+    if "tool_use" in f:
+        calls = f["tool_use"]
+        lessons.append(Lesson("held-out tool calls after SFT", pct(calls), ">= 90% EN / 85% ZH",
+                              calls["en"] >= 0.9 and calls["zh"] >= 0.85))
+    if "server" in f:
+        lessons.append(Lesson("server round trip", repr(f["server"]), "names Rome", names_rome(f["server"])))
+    if "tool_round" in f:
+        call, final, expression, answer = f["tool_round"]
+        shown = f"{call['name']}({call['arguments']}) -> {final!r}" if call else f"no call: {final!r}"
+        lessons.append(Lesson("tool round trip", shown, f"calculator({expression}), then {answer}",
+                              right_calculator_round(call, final, expression, answer)))
+    return lessons

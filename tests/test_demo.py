@@ -33,7 +33,8 @@ def test_tiny_demo_runs_every_stage_and_summarises(tmp_path):
     assert float(summary["pretrain val loss"]) > 0 and "EN" in summary["held-out fact QA, after SFT"]
     assert summary["exports"].startswith("hf ok") and "llama ok" in summary["exports"]
     assert "gguf 20 tensors" in summary["exports"]
-    assert summary["server round trip"].startswith("ok")
+    assert not summary["server round trip"].startswith("FAILED") and summary["lessons"] == []
+    assert "--tiny checks the plumbing only" in out
     assert summary["C-Eval-format accuracy (demo val, chance 25%)"].endswith("/144)")
     for name in ("pretrain_64.safetensors", "full_sft_64.safetensors", "dpo_64.safetensors", "lora_sft_64",
                  "grpo_64.safetensors", "images/demo_grpo_loss.png", "images/demo_full_sft_loss.png"):
@@ -63,3 +64,56 @@ def test_the_seed_bench_reads_each_figure_of_a_summary_under_its_own_name(monkey
                    ("GRPO held-out continents", "before EN"): 2, ("GRPO held-out continents", "before ZH"): 73,
                    ("GRPO held-out continents", "after EN"): 73, ("GRPO held-out continents", "after ZH"): 83,
                    ("DPO held-out reward accuracy (0% at the start)", ""): 89}
+
+
+def test_the_server_check_wants_rome_and_nothing_else():
+    from model.evaluation import names_rome
+
+    assert names_rome("The capital of Italy is Rome.")
+    for wrong in (" is in Africa.", "The capital of Italy is Romeecembruememember.", "Rome or Paris", ""):
+        assert not names_rome(wrong), wrong
+
+
+def test_the_tool_check_wants_the_questions_expression_and_the_right_number():
+    from model.evaluation import right_calculator_round
+
+    call = {"name": "calculator", "arguments": '{"expression": "4521+376"}'}
+    assert right_calculator_round(call, "4521 plus 376 is 4897.", "4521+376", 4897)
+    assert right_calculator_round({**call, "arguments": {"expression": "4521 + 376"}}, "4897", "4521+376", 4897)
+    wrong = [({"name": "calculator", "arguments": '{"": {"expression": "5555666666"}}'}, "4897"),
+             ({"name": "calculator", "arguments": '{"expression": "9666"}'}, "4897"),
+             ({"name": "lookup", "arguments": '{"expression": "4521+376"}'}, "4897"),
+             (call, "4521 plus 376 is 48970."), (call, "It is 4898."), (None, "4897"),
+             ({"name": "calculator", "arguments": "{not json"}, "4897")]
+    for bad_call, final in wrong:
+        assert not right_calculator_round(bad_call, final, "4521+376", 4897), (bad_call, final)
+
+
+def good_figures():
+    qa = {"en": 0.96, "zh": 1.0}
+    return {"qa": {"SFT": qa, "LoRA merged": qa, "DPO": {"en": 0.96, "zh": 0.98}, "GRPO": dict(qa)},
+            "identity": {"SFT": ([8, 8], 8), "GRPO": ([7, 8], 8)}, "dpo_accuracy": 0.85,
+            "grpo": ({"en": 0.04, "zh": 0.69}, {"en": 0.60, "zh": 0.77}), "tool_use": {"en": 0.95, "zh": 0.9},
+            "server": "The capital of Italy is Rome.",
+            "tool_round": ({"name": "calculator", "arguments": '{"expression":"4521+376"}'}, "It is 4897.",
+                           "4521+376", 4897)}
+
+
+def test_every_demo_lesson_fails_when_its_figure_is_wrong():
+    """Right figures pass every lesson; each wrong one fails its lesson, and only that one."""
+    from model.evaluation import demo_lessons
+
+    assert all(lesson.passed for lesson in demo_lessons(good_figures())), demo_lessons(good_figures())
+    spoil = {"held-out capitals after SFT": lambda f: f["qa"].update(SFT={"en": 0.96, "zh": 0.5}),
+             "held-out capitals kept after GRPO": lambda f: f["qa"].update(GRPO={"en": 0.04, "zh": 1.0}),
+             "'Who are you?' / '你是谁？' after GRPO": lambda f: f["identity"].update(GRPO=([0, 8], 8)),
+             "DPO held-out reward accuracy": lambda f: f.update(dpo_accuracy=0.5),
+             "GRPO held-out continents": lambda f: f.update(grpo=({"en": 0.5, "zh": 0.5}, {"en": 0.6, "zh": 0.6})),
+             "held-out tool calls after SFT": lambda f: f.update(tool_use={"en": 0.0, "zh": 0.33}),
+             "server round trip": lambda f: f.update(server=" is in Africa."),
+             "tool round trip": lambda f: f.update(tool_round=(None, "9666", "4521+376", 4897))}
+    for name, wrong in spoil.items():
+        figures = good_figures()
+        wrong(figures)
+        failed = [lesson.name for lesson in demo_lessons(figures) if not lesson.passed]
+        assert failed == [name], (name, failed)

@@ -216,3 +216,18 @@ def test_property_every_row_equals_its_solo_run(engine, tokenizer, grammars, wor
                 assert got == want
             else:
                 assert got == want[:len(got)]
+
+
+def test_a_grammar_row_masks_its_logits_on_their_own_device(grammars, monkeypatch):
+    """xgrammar fills a row's bitmask on the CPU; it is applied on the logits' device (a GPU's, here stood in for
+    by the meta device, with xgrammar's kernel recording what it was given)."""
+    import torch
+
+    g = grammars["grammars"]
+    seen = []
+    monkeypatch.setattr(g.xgr, "apply_token_bitmask_inplace",
+                        lambda logits, bitmask, **kw: seen.append((logits.device.type, bitmask.device.type)))
+    g.matcher(grammars["json_object"]).mask(torch.zeros(1000, device="meta"))
+    assert seen == [("meta", "meta")]
+    with pytest.raises(ValueError, match="one contiguous row"):
+        g.matcher(grammars["json_object"]).mask(torch.zeros(4, 1000).T[0])
