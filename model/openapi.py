@@ -24,18 +24,17 @@ TOOL_CALL = {"type": "object", "required": ["function"], "properties": {
         "arguments": {"type": "string", "description": "the arguments, a JSON object as text"}}}}}
 
 
-def message(roles: list[str], content: dict, **fields) -> dict:
-    required = ["role"] + (["content"] if content is CONTENT else []) + fields.pop("required", [])
-    return {"type": "object", "required": required,
+def message(roles: list[str], required: list[str], content: dict = CONTENT, **fields) -> dict:
+    return {"type": "object", "required": ["role", *required],
             "properties": {"role": {"enum": roles}, "content": content, "name": {"type": "string"}, **fields}}
 
 
 MESSAGE = {"oneOf": [
-    message(["system", "developer"], CONTENT),
-    message(["user"], CONTENT),
-    message(["assistant"], nullable(CONTENT), reasoning_content={"type": "string"},
+    message(["system", "developer"], ["content"]),
+    message(["user"], ["content"]),
+    message(["assistant"], [], nullable(CONTENT), reasoning_content={"type": "string"},  # content: null with calls
             tool_calls={"type": "array", "minItems": 1, "items": TOOL_CALL}),
-    message(["tool"], CONTENT, tool_call_id={"type": "string"}, required=["tool_call_id"]),
+    message(["tool"], ["content", "tool_call_id"], tool_call_id={"type": "string"}),
 ]}
 TOOL = {"type": "object", "required": ["function"], "properties": {
     "type": {"const": "function"},
