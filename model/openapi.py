@@ -5,7 +5,7 @@ FastAPI would describe the request from its loose pydantic model (messages as an
 this server never sends; `document` replaces both. What a schema cannot say (the prompt fits the context, a named
 tool is among `tools`, a JSON schema is one xgrammar can follow) stays a 400 with OpenAI's error body.
 """
-INT64 = 2 ** 63
+INT64 = 2 ** 63  # OpenAI's integer fields are 64-bit signed
 NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}  # OpenAI's rule for function names
 
 

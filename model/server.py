@@ -27,12 +27,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .generate import SamplingParams, TextDelta
-from .openapi import document
+from .openapi import INT64, document
 from .scheduler import QueueFull, Request as Job, Scheduler
 from .tool_calls import OutputParser, ToolError, normalize_calls, normalize_tools, openai_call
 
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-INT64 = 2 ** 63  # OpenAI's integer fields are 64-bit signed
 
 
 class APIError(Exception):
@@ -374,8 +373,6 @@ async def next_events(job: Job, events: asyncio.Queue, request: Request | None =
     while True:
         if held is not None:
             index, item, held = *held, None
-        elif not events.empty():  # no timer to set up when the next event is already here (most of them, busy)
-            index, item = events.get_nowait()
         else:
             try:
                 index, item = await asyncio.wait_for(events.get(), timeout=0.5)
