@@ -25,6 +25,8 @@ def main(argv=None):
     demo.add_argument("--pretrain_repeats", type=int, default=30,
                       help="regroupings of the fact sentences in the pretraining file (its size: ~0.15 MB each)")
     demo.add_argument("--held_out", type=int, default=48, help="countries whose facts SFT never answers")
+    demo.add_argument("--transcript_repeats", type=int, default=3,
+                      help="copies of each SFT chat, as a chat transcript, among the pretraining documents")
 
     pre = sub.add_parser("pretrain", help="tokenize {'text'} jsonl into uint16 shards")
     pre.add_argument("--input", required=True)
@@ -47,7 +49,8 @@ def main(argv=None):
     if args.command == "demo":
         from model.demo_corpus import write_demo
 
-        for name, rows in write_demo(args.out_dir, args.seed, args.pretrain_repeats, args.held_out).items():
+        for name, rows in write_demo(args.out_dir, args.seed, args.pretrain_repeats, args.held_out,
+                                      args.transcript_repeats).items():
             print(f"{rows:>8}  {name}")
         print(f"demo corpus written to {args.out_dir}")
     elif args.command == "pretrain":

@@ -22,12 +22,12 @@ quiet_third_party()  # before torch and transformers load: their import-time not
 
 ROOT = Path(__file__).resolve().parent
 
-FULL = dict(name="demo", repeats=30, vocab=3000, model=["--preset", "demo"], seq=128, chat_seq=256, pre_steps=400,
+FULL = dict(name="demo", repeats=30, transcripts=3, vocab=3000, model=["--preset", "demo"], seq=128, chat_seq=256, pre_steps=400,
             pre_lr=2e-3, pre_batch=16, sft_steps=300, sft_lr=3e-4, lora_steps=10, dpo_steps=80, dpo_lr=4e-5,
             grpo_steps=75, grpo_lr=8e-5, student=["--dim", "128", "--n_layers", "4", "--n_heads", "4", "--n_kv_heads",
                                                    "2"], student_steps=300, student_lr=4e-3, distill_steps=40,
             sampled_seeds=3)
-TINY = dict(name="demo_tiny", repeats=2, vocab=600,
+TINY = dict(name="demo_tiny", repeats=2, transcripts=0, vocab=600,
             model=["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--vocab_size", "600"],
             seq=64, chat_seq=64, pre_steps=30, pre_lr=3e-3, pre_batch=8, sft_steps=15, sft_lr=1e-3, lora_steps=4,
             dpo_steps=4, dpo_lr=1e-4, grpo_steps=3, grpo_lr=1e-4,
@@ -132,7 +132,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     with timer.stage("demo data"):
         script("data_process.py").main(["demo", "--out_dir", str(data), "--pretrain_repeats", str(cfg["repeats"]),
-                                        "--seed", str(args.seed)])
+                                        "--transcript_repeats", str(cfg["transcripts"]), "--seed", str(args.seed)])
     with timer.stage("tokenizer"):
         script("train_tokenizer.py").main(["--data", str(data / "tokenizer_train.jsonl"), "--vocab_size",
                                            str(cfg["vocab"]), "--out_dir", str(tok)])
@@ -222,11 +222,11 @@ def main(argv=None):
 
     with timer.stage("GRPO"):
         # Which continent a country is in: SFT asked it of the training countries, yet the DPO model mostly
-        # answers with another country's name. Rewards are checked by a program (demo_fact); the held-out
-        # questions are about the countries that neither SFT nor GRPO ever asked about. A weak KL penalty (beta
-        # 0.02): at 0.05 and 0.1 seed 123's English answers never flipped. Rollouts at temperature 0.8: at 1.0 half
-        # the English samples open with a garbled name. lr 8e-5: of 6e-5, 8e-5 and 1e-4 the one whose gain stayed
-        # >= 25 points on seeds 42, 7 and 123 on the AMD machine (the README's GRPO paragraph has the figures).
+        # answers with another country's name. Rewards are checked by a program (demo_fact: the continent, and the
+        # country asked about); the held-out questions are about countries neither SFT nor GRPO ever asked about.
+        # The prompts mix in the capital and identity questions, scored by the same reward: RL on one skill alone
+        # erased the others on one CPU (docs/demo.md). A weak KL penalty (beta 0.02); rollouts at temperature 0.8
+        # (at 1.0 half the English samples opened with a garbled name).
         questions = list(read_jsonl(data / "grpo_held_out.jsonl"))
         before = reward_accuracy(dpo, tokenizer, questions)
         result = script("6-grpo_train.py").main(

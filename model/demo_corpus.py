@@ -86,8 +86,11 @@ CAPITAL_ZH = [
     "请告诉我{c}的首都。{c}的首都是{cap}。", "说到{c}，{c}的首都是{cap}。",
     "{c}的首都是哪里？{c}的首都是{cap}。", "{c}的首都是哪座城市？{c}的首都是{cap}。",
 ]
-CONTINENT_EN = ["{c} is a country in {cont}.", "{cap}, the capital of {c}, is a city in {cont}."]
-CONTINENT_ZH_T = ["{c}位于{cont}。", "{c}的首都{cap}是{cont}的一座城市。"]
+# The last of each: SFT's question and answer as an FAQ, as for the capitals (with two statements and no FAQ,
+# GRPO could not lift held-out continents past 77%: what it sharpens, pretraining must have stored).
+CONTINENT_EN = ["{c} is a country in {cont}.", "{cap}, the capital of {c}, is a city in {cont}.",
+                "Which continent is {c} in? The country {c} is in {cont}."]
+CONTINENT_ZH_T = ["{c}位于{cont}。", "{c}的首都{cap}是{cont}的一座城市。", "{c}位于哪个大洲？{c}位于{cont}。"]
 DAYS = [("Monday", "星期一"), ("Tuesday", "星期二"), ("Wednesday", "星期三"), ("Thursday", "星期四"),
         ("Friday", "星期五"), ("Saturday", "星期六"), ("Sunday", "星期日")]
 MONTHS = [("January", "一月"), ("February", "二月"), ("March", "三月"), ("April", "四月"), ("May", "五月"),
@@ -165,7 +168,11 @@ def capital_answer(country: Country, lang: str) -> str:
 
 
 def continent_answer(country: Country, lang: str) -> str:
-    return f"{country.name} is in {country.continent}." if lang == "en" else f"{country.name_zh}位于{country.continent_zh}。"
+    """The English answer restates the name after a space, as the question has it: opening the line, "Algeria" is
+    "A"+"l"+"g"+"eria", nothing like the question's " Algeria", and the model wrote another country's name."""
+    if lang == "en":
+        return f"The country {country.name} is in {country.continent}."
+    return f"{country.name_zh}位于{country.continent_zh}。"
 
 
 def fill(template: str, country: Country, lang: str) -> str:
@@ -329,6 +336,21 @@ class DemoWorld:
                  "answer": c.continent if lang == "en" else c.continent_zh,
                  "subject": c.name if lang == "en" else c.name_zh} for c in countries for lang in ("en", "zh")]
 
+    def keep_prompts(self, countries, identity_repeats: int = 8):
+        """GRPO's other prompts: the skills RL must not erase, each scored by the same reward. The capital questions
+        (one question form per country, in turn), and the identity questions, repeated so that a batch meets one
+        every few steps. Trained on continents alone, one CPU's GRPO model answered every English question
+        "<something> is in <continent>." (`../shared/notes/rl-forgetting.md`)."""
+        rows = []
+        for i, c in enumerate(countries):
+            for lang, templates in (("en", QUESTION_EN), ("zh", QUESTION_ZH)):
+                rows.append({"prompt": fill(templates[i % len(templates)], c, lang), "lang": lang,
+                             "answer": c.capital if lang == "en" else c.capital_zh,
+                             "subject": c.name if lang == "en" else c.name_zh})
+        for (question, answer), lang in zip(IDENTITY, ("en", "zh")):
+            rows += [{"prompt": question, "lang": lang, "answer": answer, "subject": None}] * identity_repeats
+        return rows
+
     def held_out_questions(self):
         """The measuring stick: capitals of countries whose facts only pretraining has seen."""
         rows = []
@@ -402,7 +424,30 @@ def tool_text(row: dict) -> str:
     return "".join(text for text, _ in render_chat(row["messages"], row["tools"]))
 
 
-def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: int = 48) -> dict:
+def chat_text(row: dict) -> str:
+    """An SFT row (either format) as the chat template renders it: a chat transcript for pretraining."""
+    from .processing import normalize_sft
+    from .tokenizer import render_chat
+
+    return "".join(text for text, _ in render_chat(normalize_sft(row)["conversations"], row.get("tools")))
+
+
+def with_transcripts(documents: list[str], transcripts: list[str], repeats: int, rng: random.Random) -> list[str]:
+    """The prose documents with `repeats` copies of each chat transcript shuffled in among them.
+
+    Why: the pretrained model copies a country's name from a question to its answer in prose ("What is the capital
+    of X? The capital of X is ...", 48 of 48 held-out countries), but not across the chat template's tags, which
+    prose never has (0 of 48): SFT then had to form that copy itself, and on one of two thread counts it never did
+    (every English answer "The capital of United Kingdom is London."). Transcripts of the SFT countries in the
+    pretraining text form it there (46 of 48 before SFT); the held-out countries stay out of every transcript.
+    """
+    mixed = documents + transcripts * repeats
+    rng.shuffle(mixed)
+    return mixed
+
+
+def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: int = 48,
+               transcript_repeats: int = 3) -> dict:
     """Write every demo file; returns {name: (path, rows)}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -418,12 +463,15 @@ def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: in
                 n += 1
         written[name] = n
 
-    jsonl("pretrain_data.jsonl", ({"text": t} for t in world.pretrain_documents(pretrain_repeats, rng)))
+    prose = list(world.pretrain_documents(pretrain_repeats, rng))
     sft = world.sft_rows(rng)
     tool_rows = world.tool_sft_rows(rng)
+    # Each transcript three times: about 13% of the pretraining tokens (docs/demo.md: the chat transcripts)
+    documents = with_transcripts(prose, [chat_text(r) for r in sft], transcript_repeats, random.Random(seed + 2))
+    jsonl("pretrain_data.jsonl", ({"text": t} for t in documents))
     jsonl("sft_data.jsonl", sft + tool_rows)  # both formats, as data_process.py sft reads them
     jsonl("tool_held_out.jsonl", world.tool_questions(world.held_out, random.Random(seed + 1), 24))
-    jsonl("grpo_prompts.jsonl", world.continent_prompts(world.train))
+    jsonl("grpo_prompts.jsonl", world.continent_prompts(world.train) + world.keep_prompts(world.train))
     jsonl("grpo_held_out.jsonl", world.continent_prompts(world.held_out))
     jsonl("held_out.jsonl", world.held_out_questions())
     jsonl("dpo_data.jsonl", world.dpo_rows(world.train, rng, balanced=True))

@@ -122,10 +122,13 @@ def _demo_entities():
     return EntityFinder()
 
 
-def demo_fact(completion: str, answer: str, subject: str, **_) -> float:
-    """A fact of the demo world about a country (its continent, say): 1 if the completion states the answer and
-    names no country but the subject ("Kenya is in Africa."; not "Chad is in Africa."), else 0."""
-    return float(str(answer) in completion and set(_demo_entities().names(completion, "country")) <= {subject})
+def demo_fact(completion: str, answer: str, subject: str | None = None, **_) -> float:
+    """A fact of the demo world about a country (its continent, its capital): 1 if the completion states the answer
+    and names the subject and no other country ("Kenya is in Africa."; not "Chad is in Africa.", nor "Iawi is in
+    Africa."), else 0. A row with no subject (the identity question) scores 1 only for the answer word for word."""
+    if not subject:
+        return float(completion.strip() == str(answer).strip())
+    return float(str(answer) in completion and set(_demo_entities().names(completion, "country")) == {subject})
 
 
 REWARDS = {"exact_match": exact_match, "demo_math": demo_math, "demo_fact": demo_fact}

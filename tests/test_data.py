@@ -75,13 +75,34 @@ def test_held_out_answers_are_in_pretraining_text_but_never_in_sft_answers(demo_
 def test_pretraining_answers_every_sft_question_form_about_each_country_as_sft_does(demo_data):
     """The FAQ habit: each question form SFT asks is, in pretraining, followed by SFT's answer restating the
     country, for the held-out countries too (what a chat answer copies its subject by)."""
-    from model.demo_corpus import QUESTION_EN, QUESTION_ZH, DemoWorld, capital_answer, fill
+    from model.demo_corpus import (CONTINENT_Q_EN, CONTINENT_Q_ZH, QUESTION_EN, QUESTION_ZH, DemoWorld, capital_answer,
+                                   continent_answer, fill)
 
     text = "\n".join(r["text"] for r in rows(demo_data / "data" / "pretrain_data.jsonl"))
     for c in DemoWorld(seed=7).held_out[:5]:
-        for lang, questions, sep in (("en", QUESTION_EN, " "), ("zh", QUESTION_ZH, "")):
+        for lang, questions, continent, sep in (("en", QUESTION_EN, CONTINENT_Q_EN, " "),
+                                                ("zh", QUESTION_ZH, CONTINENT_Q_ZH, "")):
             for q in questions:
                 assert fill(q, c, lang) + sep + capital_answer(c, lang) in text, (lang, q, c.name)
+            assert fill(continent, c, lang) + sep + continent_answer(c, lang) in text, (lang, c.name)
+
+
+def test_pretraining_holds_each_sft_chat_as_a_transcript_and_no_held_out_country_in_one(demo_data):
+    from collections import Counter
+
+    from model.demo_corpus import DemoWorld, EntityFinder, chat_text
+
+    docs = Counter(r["text"] for r in rows(demo_data / "data" / "pretrain_data.jsonl"))
+    chats = [r for r in rows(demo_data / "data" / "sft_data.jsonl") if "instruction" in r]
+    for r in chats:
+        text = chat_text(r)
+        assert text.startswith("<s>user\n") and text.endswith(f"<s>assistant\n{r['output']}</s>\n")
+        assert docs[text] >= 3, r  # three copies each (a row asked twice has more)
+    transcripts = [t for t in docs if t.startswith("<s>user")]
+    assert sum(docs[t] for t in transcripts) == 3 * len(chats)
+    held = {c.name for c in DemoWorld(seed=7).held_out} | {c.name_zh for c in DemoWorld(seed=7).held_out}
+    finder = EntityFinder()
+    assert not any(set(finder.names(t, "country")) & held for t in transcripts)
 
 
 def test_grpo_questions_are_held_out_by_country_and_scored_by_the_reward(demo_data):
@@ -92,8 +113,21 @@ def test_grpo_questions_are_held_out_by_country_and_scored_by_the_reward(demo_da
     sft_questions = {r["instruction"] for r in rows(demo_data / "data" / "sft_data.jsonl") if "instruction" in r}
     assert not sft_questions & {r["prompt"] for r in held}  # SFT never asks GRPO's held-out questions
     for r in held:
-        right = f"{r['subject']} is in {r['answer']}." if r["lang"] == "en" else f"{r['subject']}位于{r['answer']}。"
+        right = f"The country {r['subject']} is in {r['answer']}." if r["lang"] == "en" else f"{r['subject']}位于{r['answer']}。"
         assert r["subject"] in r["prompt"] and demo_fact(right, **r) == 1.0
+    # GRPO's mixture: the continents it teaches, and the capitals and identity it must keep, each scored
+    kinds = {"continent": 0, "capital": 0, "identity": 0}
+    for r in train:
+        kind = "identity" if r["subject"] is None else "capital" if "apital" in r["prompt"] or "首都" in r["prompt"] \
+            else "continent"
+        kinds[kind] += 1
+        if kind == "capital":
+            right = f"The capital of {r['subject']} is {r['answer']}." if r["lang"] == "en" else \
+                f"{r['subject']}的首都是{r['answer']}。"
+            assert demo_fact(right, **r) == 1.0 and demo_fact(right.replace(r["answer"], "Nowhere"), **r) == 0.0
+        elif kind == "identity":
+            assert demo_fact(r["answer"], **r) == 1.0 and demo_fact(r["answer"][:-1], **r) == 0.0
+    assert kinds["capital"] == kinds["continent"] and kinds["identity"] >= 2, kinds
 
 
 def test_dpo_training_pairs_reject_each_capital_as_often_as_they_choose_it(demo_data):

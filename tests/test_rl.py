@@ -89,6 +89,11 @@ def test_rewards():
     assert demo_fact("Kenya is in Africa.", "Africa", "Kenya") == 1.0
     assert demo_fact("Chad is in Africa.", "Africa", "Kenya") == 0.0  # the right continent, another country
     assert demo_fact("肯尼亚位于非洲。", "非洲", "肯尼亚") == 1.0 and demo_fact("肯尼亚的首都是内罗毕。", "非洲", "肯尼亚") == 0.0
+    assert demo_fact("Iawi is in Asia.", "Asia", "Afghanistan") == 0.0  # the continent, but not the country asked
+    assert demo_fact("Kenya and Chad are in Africa.", "Africa", "Kenya") == 0.0
+    assert demo_fact("The capital of Kenya is Nairobi.", "Nairobi", "Kenya") == 1.0
+    identity = "I am MiniMind, a small language model trained from scratch."
+    assert demo_fact(identity, identity, None) == 1.0 and demo_fact("I am MiniMind.", identity, None) == 0.0
     assert load_reward("exact_match") is exact_match and load_reward("model.rl:demo_math") is demo_math
     for bad in ("nope", "model.rl:nothing", "no_such_module:f"):
         with pytest.raises(InputError, match="--reward"):
