@@ -29,11 +29,12 @@ class LMConfig(PretrainedConfig):
     hidden_dim: int | None = None  # None: 8/3 * dim rounded up to multiple_of (upstream's rule)
     multiple_of: int = 64
     norm_eps: float = 1e-5
-    max_seq_len: int = 512  # training context; inference may go past it (see rope_scaling)
+    max_seq_len: int = 512  # training context; inference may go past it (see rope_parameters)
     rope_theta: float = 1e4
-    # Inference-time context extension, e.g. {"type": "linear", "factor": 4.0} or {"type": "yarn", "factor": 4.0}.
-    # "yarn" (NTK-by-parts) keeps high frequencies intact; "linear" divides every position by `factor`.
-    rope_scaling: dict | None = None
+    # transformers' RoPE dict: {"rope_type": "default", "rope_theta": ...}, or an inference-time context extension,
+    # {"rope_type": "linear" | "yarn", "factor": 4.0, ...}. "yarn" (NTK-by-parts) keeps high frequencies intact;
+    # "linear" divides every position by `factor`. A config saved with the older `rope_scaling` key still loads.
+    rope_parameters: dict | None = None
     dropout: float = 0.0
     flash_attn: bool = True  # use scaled_dot_product_attention (False: the explicit softmax, for teaching)
     # Mixture of experts (DeepSeek-style: shared experts always on, routed experts chosen per token).
@@ -56,7 +57,9 @@ class LMConfig(PretrainedConfig):
         if self.hidden_dim is None:
             hidden = int(2 * (4 * self.dim) / 3)
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-        super().__post_init__(**kwargs)
+        super().__post_init__(**kwargs)  # transformers fills rope_parameters (rope_type, rope_theta) from the fields
+        if self.rope_parameters:
+            self.rope_parameters.pop("type", None)  # the legacy key, now rope_type
         self.validate_shapes()
 
     def validate_shapes(self):
@@ -70,8 +73,14 @@ class LMConfig(PretrainedConfig):
             raise InputError("num_experts_per_tok must be between 1 and n_routed_experts")
         if self.scoring_func != "softmax":
             raise InputError(f"unsupported scoring_func {self.scoring_func!r} (only 'softmax')")
-        if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("linear", "yarn"):
-            raise InputError(f"rope_scaling type must be 'linear' or 'yarn', got {self.rope_scaling!r}")
+        if self.rope_scaling_type not in (None, "linear", "yarn"):
+            raise InputError(f"rope scaling must be 'linear' or 'yarn', got {self.rope_parameters!r}")
+
+    @property
+    def rope_scaling_type(self) -> str | None:
+        """None for plain RoPE, else "linear" or "yarn"."""
+        kind = (self.rope_parameters or {}).get("rope_type", "default")
+        return None if kind == "default" else kind
 
     @property
     def head_dim(self) -> int:

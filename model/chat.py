@@ -43,7 +43,7 @@ def parse_rope_scaling(text: str | None):
     if not text:
         return None
     kind, _, factor = text.partition(":")
-    return {"type": kind, "factor": float(factor or 4)}
+    return {"rope_type": kind, "factor": float(factor or 4)}
 
 
 def find_tokenizer(ckpt, explicit=None):

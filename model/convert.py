@@ -24,13 +24,9 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def llama_config(config: LMConfig, **extra) -> LlamaConfig:
     if config.use_moe:
         raise InputError("the Llama format holds dense models only; export a MoE model in the default (hf) format")
-    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling:
-        rope = {"rope_type": config.rope_scaling["type"], "rope_theta": config.rope_theta,
-                "factor": float(config.rope_scaling["factor"])}
-        if config.rope_scaling["type"] == "yarn":
-            rope["original_max_position_embeddings"] = config.rope_scaling.get(
-                "original_max_position_embeddings", config.max_seq_len)
+    rope = dict(config.rope_parameters)  # the same dict transformers' Llama reads
+    if config.rope_scaling_type == "yarn":
+        rope.setdefault("original_max_position_embeddings", config.max_seq_len)
     return LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
         num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
@@ -79,14 +75,9 @@ def from_llama_state_dict(state: dict, config: LMConfig) -> dict:
 
 
 def config_from_llama(cfg: LlamaConfig) -> LMConfig:
-    rope = cfg.rope_parameters or {}
-    scaling = None
-    if rope.get("rope_type", "default") not in ("default", None):
-        scaling = {"type": rope["rope_type"], "factor": rope["factor"]}
-        if "original_max_position_embeddings" in rope:
-            scaling["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
+    rope = dict(cfg.rope_parameters or {})
     return LMConfig(dim=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
                     n_kv_heads=cfg.num_key_value_heads, vocab_size=cfg.vocab_size, hidden_dim=cfg.intermediate_size,
                     norm_eps=cfg.rms_norm_eps, max_seq_len=cfg.max_position_embeddings,
-                    rope_theta=rope.get("rope_theta", 1e4), rope_scaling=scaling,
+                    rope_theta=rope.get("rope_theta", 1e4), rope_parameters=rope or None,
                     tie_word_embeddings=cfg.tie_word_embeddings)

@@ -99,14 +99,14 @@ def export_gguf(model, tokenizer, path, dtype: str = "f32") -> Path:
     writer.add_head_count(cfg.n_heads)
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-    if cfg.rope_scaling:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if cfg.rope_scaling["type"] == "linear"
+    if cfg.rope_scaling_type:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if cfg.rope_scaling_type == "linear"
                                      else gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+        writer.add_rope_scaling_factor(float(cfg.rope_parameters["factor"]))
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = spec["model"]["vocab"]

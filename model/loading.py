@@ -169,8 +169,8 @@ def load_model(path, config: LMConfig | None = None, device="cpu", dtype=None, p
         model = load_adapter(base, path)
         return (model.merge_and_unload() if merge_lora else model).eval()
     state, cfg = load_state(path, config, preset)
-    if rope_scaling is not None:
-        cfg.rope_scaling = rope_scaling
+    if rope_scaling is not None:  # {"rope_type", "factor", ...} over the checkpoint's own RoPE
+        cfg.rope_parameters = {**(cfg.rope_parameters or {}), **rope_scaling}
         cfg.validate_shapes()
     with torch.device("meta"):
         model = MiniMindForCausalLM(cfg)

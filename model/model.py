@@ -34,13 +34,13 @@ def rope_inv_freq(config: LMConfig) -> tuple[torch.Tensor, float]:
     low frequencies that never completed a rotation within the training context, keeps the fast ones,
     and ramps between them (the NTK-by-parts rule of the YaRN paper, as transformers implements it).
     """
-    dim, base = config.head_dim, config.rope_theta
+    scaling = config.rope_parameters or {}
+    dim, base = config.head_dim, scaling.get("rope_theta", config.rope_theta)
     inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    scaling = config.rope_scaling
-    if not scaling:
+    if config.rope_scaling_type is None:
         return inv_freq, 1.0
     factor = float(scaling["factor"])
-    if scaling["type"] == "linear":
+    if config.rope_scaling_type == "linear":
         return inv_freq / factor, 1.0
     # yarn
     original_len = scaling.get("original_max_position_embeddings", config.max_seq_len)

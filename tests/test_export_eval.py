@@ -57,8 +57,12 @@ def test_hf_export_loads_with_auto_classes_without_this_repo(checkpoint, demo_da
     out = export(checkpoint, demo_data / "tokenizer", tmp_path / "hf", "hf")
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "model.py",
             "LMConfig.py"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "default" and "rope_scaling" not in config  # transformers 5
     ids = torch.randint(3, 1000, (2, 16))
     theirs = logits_in_a_fresh_process(tmp_path, f"""
+        import warnings
+        warnings.simplefilter("error", FutureWarning)  # no deprecated key in what we wrote
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained("{out}", trust_remote_code=True).eval()
         tok = AutoTokenizer.from_pretrained("{out}")

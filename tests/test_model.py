@@ -29,13 +29,31 @@ def to_llama(model):
     return llama
 
 
-@pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 4.0}, {"type": "yarn", "factor": 4.0}])
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0}, {"rope_type": "yarn", "factor": 4.0}])
 def test_logits_equal_transformers_llama(scaling):
-    model = tiny_model(rope_scaling=scaling, max_seq_len=16)
+    model = tiny_model(rope_parameters=scaling, max_seq_len=16)
     ids = torch.randint(0, 128, (2, 48))  # past max_seq_len: the scaled positions are exercised
     with torch.no_grad():
         ours, theirs = model(ids).logits, to_llama(model)(ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_a_config_saved_with_the_legacy_rope_scaling_key_reads_the_same():
+    """Configs written before transformers 5 say {"rope_scaling": {"type": ...}}; they load as rope_parameters."""
+    import warnings
+
+    from model.LMConfig import LMConfig
+
+    new = tiny_model(rope_parameters={"rope_type": "yarn", "factor": 4.0}, max_seq_len=16).config.to_dict()
+    assert "rope_scaling" not in new and new["rope_parameters"]["rope_type"] == "yarn"
+    legacy = {k: v for k, v in new.items() if k != "rope_parameters"}
+    legacy["rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read = LMConfig.from_dict(legacy)
+    assert read.rope_parameters == new["rope_parameters"]
+    with pytest.raises(InputError, match="rope scaling"):
+        LMConfig.from_dict({**legacy, "rope_scaling": {"type": "cubic", "factor": 2.0}})
 
 
 def test_kv_cache_decoding_equals_full_forward(model):
