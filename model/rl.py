@@ -161,10 +161,12 @@ def distillation_loss(student_logits, teacher_logits, labels, alpha: float = 0.5
     from .model import next_token_targets
 
     targets = next_token_targets(labels)  # (B, T)
-    keep = targets != -100
-    student, teacher = student_logits.float()[keep], teacher_logits.float()[keep]  # (n, V)
-    ce = F.cross_entropy(student, targets[keep]) if keep.any() else student.sum() * 0
-    t = temperature
-    kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), log_target=True,
-                  reduction="batchmean") if keep.any() else student.sum() * 0
+    keep = (targets != -100).float()
+    # Masked means, not boolean indexing: no host sync, and no gathered copy of the (B, T, V) logits
+    count, student, t = keep.sum().clamp(min=1), student_logits.float(), temperature
+    ce = (F.cross_entropy(student.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                          reduction="none").view_as(keep) * keep).sum() / count
+    kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
+                  log_target=True, reduction="none").sum(-1)  # (B, T)
+    kl = (kl * keep).sum() / count
     return alpha * ce + (1 - alpha) * t * t * kl, {"ce": ce.detach(), "kl": kl.detach()}

@@ -345,8 +345,7 @@ class GRPOLoss:
 
     # -- one batch
     def __call__(self, model, batch, reference=None):
-        rows = batch["row"].tolist()
-        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"].tolist())]
+        rows, prompts = batch["rows"], batch["prompts"]
         if not torch.is_grad_enabled():
             return self.validate(model, prompts, rows)
         key = tuple(rows)

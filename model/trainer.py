@@ -141,6 +141,11 @@ class NonFiniteLoss(ReportedError, RuntimeError):
 CUDA_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
 
 
+def to_device(batch: dict, device, non_blocking: bool = False) -> dict:
+    """A batch's tensors on the device; what a collate function kept on the host (lists) stays there."""
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def pick_device(flag: str, local_rank: int = 0) -> torch.device:
     """The device --device names (auto: cuda, then mps, then cpu); InputError if this torch cannot use it."""
     if flag == "auto":
@@ -567,7 +572,7 @@ class Trainer:
         for batch in loader:
             if n >= self.args.eval_batches:
                 break
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = to_device(batch, self.device)
             with autocast_context(self.device.type, self.amp_dtype):
                 loss, metrics = self.task.loss(self.model, batch, **self.frozen)
             sums.add({"loss": loss, **metrics})
@@ -654,7 +659,7 @@ class Trainer:
 
     def micro_step(self, batch, sync: bool):
         """Forward and backward of one batch; returns the loss and metrics, detached, on the device."""
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, self.device, non_blocking=True)
         with self.strategy.micro_step(sync):
             with autocast_context(self.device.type, self.amp_dtype):
                 loss, metrics = self.task.loss(self.model, batch, **self.frozen)

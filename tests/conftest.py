@@ -147,3 +147,36 @@ def tool_model(demo_data, tmp_path_factory):
     save_weights(path, model.state_dict(), model.config, {"tokenizer": str(demo_data / "tokenizer")})
     return path
 
+
+
+# Ops that make a GPU wait for the host: a Python read of a value, or an output whose shape depends on the data.
+SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten.bincount")
+
+
+def host_syncs(fn, *args, **kwargs) -> list[str]:
+    """The ops of fn(*args) that would sync a GPU with the host (seen on any device: a dispatch mode records the
+    ops, and Tensor.tolist, which reads memory without an op, is wrapped)."""
+    from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            bool_index = name == "aten.index" and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or ())
+            if name in SYNC_OPS or bool_index:
+                seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+
+    def recorded_tolist(self):
+        seen.append("tolist")
+        return tolist(self)
+
+    with mock.patch.object(torch.Tensor, "tolist", recorded_tolist), Record():
+        fn(*args, **kwargs)
+    return seen

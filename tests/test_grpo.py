@@ -143,3 +143,18 @@ def test_distillation_brings_a_smaller_student_closer_to_its_teacher_than_sft(de
     assert distilled["output"].endswith("distill_32.safetensors") and sft["output"]
     with pytest.raises(InputError, match="vocabulary"):
         run(0.5, tmp_path / "other", "--vocab_size", "500")
+
+
+def test_a_grpo_micro_step_reads_nothing_back_from_the_device(demo_data, grpo_setup, tmp_path, monkeypatch):
+    """The prompts and rows come with the batch as host lists, so a pass over a kept rollout (the loss, its
+    statistics) makes no host sync (issue 37 #11: B+2 reads of the device batch a micro-step)."""
+    from conftest import host_syncs
+    from model.stages import grpo_task
+
+    monkeypatch.syspath_prepend(str(grpo_setup))
+    args = load_script("6-grpo_train.py").build_parser().parse_args(grpo_flags(demo_data, grpo_setup, tmp_path, "--iterations", "2"))
+    model, task = grpo_task(args)
+    batch = task.collate([task.train_data[i] for i in range(2)])
+    assert batch["prompts"] == [task.train_data[i]["input_ids"].tolist() for i in range(2)] and batch["rows"] == [0, 1]
+    task.loss(model, batch, **task.frozen)  # samples the rollout: generation reads tokens back, as it must
+    assert host_syncs(task.loss, model, batch, **task.frozen) == []

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import host_syncs
 from model.rl import (demo_fact, demo_math, distillation_loss, exact_match, group_advantages, kl_k3, load_reward,
                       policy_loss)
 from model.errors import InputError
@@ -78,6 +79,14 @@ def test_distillation_at_alpha_1_is_sft_and_kl_vanishes_for_the_teacher_itself()
     torch.testing.assert_close(loss, student(input_ids=ids, labels=labels).loss)
     _, same = distillation_loss(s, s, labels, alpha=0.5)
     assert same["kl"].abs().item() < 1e-6 and stats["kl"].item() > 0.01
+    # the KL term against a reference: the mean over the answer tokens of KL(teacher_T || student_T)
+    keep = labels[:, 1:] != -100
+    p_t, p_s = torch.log_softmax(t[:, :-1][keep] / 2, -1), torch.log_softmax(s[:, :-1][keep] / 2, -1)
+    torch.testing.assert_close(stats["kl"], (p_t.exp() * (p_t - p_s)).sum(-1).mean())
+    assert not host_syncs(distillation_loss, s, t, labels)  # no value read back in the hot loop (issue 37 #8)
+    none = torch.full_like(labels, -100)  # a batch with no answer token: zero, not NaN
+    loss, _ = distillation_loss(s, t, none)
+    assert loss.item() == 0.0
 
 
 def test_rewards():
