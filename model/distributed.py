@@ -83,13 +83,19 @@ class SingleDevice:
     def setup(self, model, make_optimizer):
         """(the module the loop calls, the optimizer); the optimizer is made once the parameters are final."""
         self.raw = model.to(self.device)
-        self.model = self.wrap(torch.compile(model) if self.args.compile else model)
+        self.model = self.compile_and_wrap(model)
         self.optimizer = make_optimizer(model)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         return self.model, self.optimizer
 
     def wrap(self, model):
         return model
+
+    def compile_and_wrap(self, model):
+        """torch.compile over the wrapper (`compile(DDP(model))`, the supported order: compiled DDP splits its graph
+        at the gradient buckets, so their all-reduce overlaps the backward)."""
+        wrapped = self.wrap(model)
+        return torch.compile(wrapped) if self.args.compile else wrapped
 
     def place_frozen(self, module):
         """A module the loss reads and never trains (DPO's reference, a teacher): on the device, in eval mode."""
@@ -238,6 +244,13 @@ class FSDP2(MultiProcess):
             raise InputError("--strategy fsdp trains in bfloat16 or float32 here (fp16's GradScaler would see only "
                              "this process's shard of the gradients): pass --dtype bfloat16, or use DDP for fp16")
         super().__init__(args, device, amp_dtype, accum)
+
+    def compile_and_wrap(self, model):
+        """Each block compiled in place, then sharded (torchtitan's order): the all-gathers stay between blocks."""
+        if self.args.compile:
+            for block in transformer_blocks(self.raw):
+                block.compile()
+        return self.wrap(model)
 
     def wrap(self, model):
         from torch.distributed.fsdp import fully_shard

@@ -83,3 +83,30 @@ def test_auto_precision_asks_for_native_bf16_on_the_runs_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: asked.append(kw) or False)
     assert resolve_precision("cuda", "auto") is torch.float16
     assert asked == [{"including_emulation": False}]
+
+
+def test_compile_wraps_ddp_not_the_other_way_round(monkeypatch):
+    """`torch.compile(DDP(model))`: compiled DDP splits its graph at the gradient buckets, so their all-reduce
+    overlaps the backward; `DDP(torch.compile(model))` all-reduces only after the whole backward (issue 37 #10)."""
+    import socket
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from model.distributed import DDP
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **_: compiled.append(module) or module)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        strategy = object.__new__(DDP)  # the placement alone
+        strategy.args, strategy.device = SimpleNamespace(compile=True), torch.device("cpu")
+        strategy.raw = model = tiny_model()
+        out = strategy.compile_and_wrap(model)
+        assert compiled == [out] and isinstance(out, DistributedDataParallel) and out.module is model
+    finally:
+        dist.destroy_process_group()
