@@ -112,6 +112,18 @@ class StepWrite:
         return self.k[layer_idx], self.v[layer_idx]
 
 
+def cache_dtype(param_dtype: torch.dtype, device_type: str, autocast_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype attention computes in: autocast's where it is on (GRPO's rollouts from fp32 weights), else the
+    weights' (int8 weights: fp32). A cache in another dtype is cast back in every layer at every step."""
+    if device_type == "cpu":
+        # torch's CPU attention kernel is faster in fp32 for a decode step (SDPA, one query row, 288 keys,
+        # 8 kv heads: 72 us vs 112 in bf16 on the reference machine); the cache is small beside the weights.
+        return torch.float32
+    if autocast_dtype is not None:
+        return autocast_dtype
+    return param_dtype if param_dtype.is_floating_point else torch.float32
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device):
     """(B, L) ids and mask, prompts right-aligned so every row's next token lands in the same column."""
     if any(len(p) == 0 for p in prompts):
@@ -314,11 +326,8 @@ class Engine:
     @torch.inference_mode()  # inference tensors, whoever asks: a compiled step sees the same kind every call
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         cfg, param = self.model.config, next(self.model.parameters())
-        dtype = param.dtype if param.is_floating_point() else torch.float32
-        if self.device.type == "cpu":
-            # torch's CPU attention kernel is faster in fp32 for a decode step (SDPA, one query row, 288 keys,
-            # 8 kv heads: 72 us vs 112 in bf16 on the reference machine); the cache is small beside the weights.
-            dtype = torch.float32
+        autocast = torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None
+        dtype = cache_dtype(param.dtype, self.device.type, autocast)
         return KVCache(cfg.n_layers, rows, cfg.n_kv_heads, cfg.head_dim, capacity, self.device, dtype)
 
     @torch.inference_mode()

@@ -10,7 +10,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from conftest import tiny_model
-from model.engine import PRODUCTS, DecodeLinear, Engine, quantize_int8
+from model.engine import PRODUCTS, DecodeLinear, Engine, cache_dtype, quantize_int8
 from model.generate import SamplingParams, generate_ids
 
 
@@ -184,3 +184,16 @@ def test_int8_weights():
         logits.append([engine.prefill(cache, 0, prompts)] + [engine.decode(cache, t) for t in steps[:-1]])
     for a, b in zip(*logits):
         assert (a.float() - b.float()).abs().max() < 0.05 * a.float().abs().max()
+
+
+def test_the_cache_holds_the_dtype_attention_computes_in():
+    """GRPO samples from fp32 weights under bf16 autocast: a fp32 cache was cast to bf16 in every layer at every step
+    (issue 37 #9). The CPU keeps fp32, its faster decode kernel."""
+    assert cache_dtype(torch.float32, "cuda", torch.bfloat16) is torch.bfloat16
+    assert cache_dtype(torch.float32, "cuda", None) is torch.float32
+    assert cache_dtype(torch.bfloat16, "cuda", None) is torch.bfloat16
+    assert cache_dtype(torch.int8, "cuda", None) is torch.float32
+    assert cache_dtype(torch.bfloat16, "cpu", torch.bfloat16) is torch.float32
+    engine = Engine(tiny_model())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert engine.new_cache(rows=1, capacity=4).k[0].dtype is torch.float32
