@@ -189,12 +189,12 @@ class Check:
                               + "\n")
         return prompts
 
-    def grpo(self):
-        self.run("grpo", [PY, *self.train("6-grpo_train.py", "run", "--ckpt", self.sft, "--data_path",
-                                          self.grpo_prompts(), "--reward", "exact_match", "--num_generations", "4",
-                                          "--batch_size", "4", "--max_new_tokens", "16", "--max_steps", "4",
-                                          "--iterations", "2", "--beta", "0.04")], 240)
-        self.trained("run", "grpo_64", "grpo_64.safetensors")
+    def grpo(self, *flags, out="run"):
+        self.run(out, [PY, *self.train("6-grpo_train.py", out, "--ckpt", self.sft, "--data_path",
+                                       self.grpo_prompts(), "--reward", "exact_match", "--num_generations", "4",
+                                       "--batch_size", "4", "--max_new_tokens", "16", "--max_steps", "4",
+                                       "--iterations", "2", "--beta", "0.04", *flags)], 400)
+        self.trained(out, "grpo_64", "grpo_64.safetensors")
 
     def fsdp_grpo(self):
         """GRPO under FSDP2 with greedy validation: rollouts sample from a gathered copy (ranks whose completions end
@@ -215,12 +215,12 @@ class Check:
                                          launcher=self.torchrun()), 300)
         self.trained("fsdp_lora", "lora_sft_64", "lora_sft_64_merged.safetensors")
 
-    def distill(self):
-        self.run("distill", [PY, *self.train("7-distill.py", "run", "--teacher", self.sft, "--init_from",
-                                             self.work / "run" / "pretrain_64.safetensors", "--data_path",
-                                             self.work / "data" / "sft_data.jsonl", "--max_seq_len", "64",
-                                             "--batch_size", "8", "--max_steps", "6")], 180)
-        self.trained("run", "distill_64", "distill_64.safetensors")
+    def distill(self, *flags, out="run"):
+        self.run(out, [PY, *self.train("7-distill.py", out, "--teacher", self.sft, "--init_from",
+                                       self.work / "run" / "pretrain_64.safetensors", "--data_path",
+                                       self.work / "data" / "sft_data.jsonl", "--max_seq_len", "64",
+                                       "--batch_size", "8", "--max_steps", "6", *flags)], 400)
+        self.trained(out, "distill_64", "distill_64.safetensors")
 
     def generate(self, *flags):
         out = self.run("generate", [PY, "2-eval.py", "--ckpt", self.sft, "--device", self.device, "--prompt",
@@ -361,6 +361,10 @@ def rows_of(check: Check):
         ("dpo_lora", "DPO with LoRA", ("sft",), lambda: check.dpo(lora=True)),
         ("grpo", "GRPO, --iterations 2, KL to the reference", ("sft",), check.grpo),
         ("distill", "distillation from the SFT model", ("sft",), check.distill),
+        ("grpo_compiled", "GRPO, bf16, --compile", ("sft",),
+         lambda: check.grpo("--dtype", "bfloat16", "--compile", out="grpo_compiled")),
+        ("distill_compiled", "distillation, bf16, --compile", ("sft",),
+         lambda: check.distill("--dtype", "bfloat16", "--compile", out="distill_compiled")),
         ("gen_fp32", "generate, fp32", ("sft",), check.generate),
         ("gen_bf16", "generate, bf16, --compile", ("sft",), lambda: check.generate("--dtype", "bfloat16", "--compile")),
         ("server", "server round trip; json_object beside greedy requests", ("sft",), check.server),
