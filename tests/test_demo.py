@@ -117,3 +117,13 @@ def test_every_demo_lesson_fails_when_its_figure_is_wrong():
         wrong(figures)
         failed = [lesson.name for lesson in demo_lessons(figures) if not lesson.passed]
         assert failed == [name], (name, failed)
+
+
+def test_a_lesson_prints_the_figure_it_judged():
+    """43 of 48 is 89.6%: a line that printed "EN 90%" beside FAIL (>= 90%) contradicted itself."""
+    from model.evaluation import demo_lessons
+
+    figures = good_figures()
+    figures["qa"]["SFT"] = {"en": 43 / 48, "zh": 1.0}
+    lesson = demo_lessons(figures)[0]
+    assert lesson.name == "held-out capitals after SFT" and not lesson.passed and "EN 89.6%" in lesson.figure
