@@ -213,11 +213,10 @@ class PromptDataset(Dataset):
 
 
 def prompt_collate(batch, pad_id: int = 0):
-    """Right-padded prompt ids, their lengths and row numbers; and the same prompts and rows as host lists, which
-    the rollout reads (read back from the device, they cost a sync each)."""
+    """Right-padded prompt ids and row numbers; and the same prompts and rows as host lists, which the rollout
+    reads (read back from the device, they cost a sync each)."""
     padded = pad_collate([{"input_ids": b["input_ids"]} for b in batch], pad_id)
-    return {**padded, "prompt_length": torch.tensor([len(b["input_ids"]) for b in batch]),
-            "row": torch.stack([b["row"] for b in batch]),
+    return {**padded, "row": torch.stack([b["row"] for b in batch]),
             "prompts": [b["input_ids"].tolist() for b in batch], "rows": [int(b["row"]) for b in batch]}
 
 
