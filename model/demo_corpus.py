@@ -435,11 +435,10 @@ def chat_text(row: dict) -> str:
 def with_transcripts(documents: list[str], transcripts: list[str], repeats: int, rng: random.Random) -> list[str]:
     """The prose documents with `repeats` copies of each chat transcript shuffled in among them.
 
-    Why: the pretrained model copies a country's name from a question to its answer in prose ("What is the capital
-    of X? The capital of X is ...", 48 of 48 held-out countries), but not across the chat template's tags, which
-    prose never has (0 of 48): SFT then had to form that copy itself, and on one of two thread counts it never did
-    (every English answer "The capital of United Kingdom is London."). Transcripts of the SFT countries in the
-    pretraining text form it there (46 of 48 before SFT); the held-out countries stay out of every transcript.
+    Why: a pretrained model copies a country's name from a question to its answer in prose, but not across the chat
+    template's tags, which prose never has; SFT then had to form that copy itself, and whether it did depended on
+    the order of the machine's sums (docs/demo.md has the figures). Transcripts of the SFT countries form it in
+    pretraining; the held-out countries stay out of every transcript.
     """
     mixed = documents + transcripts * repeats
     rng.shuffle(mixed)
@@ -466,7 +465,7 @@ def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: in
     prose = list(world.pretrain_documents(pretrain_repeats, rng))
     sft = world.sft_rows(rng)
     tool_rows = world.tool_sft_rows(rng)
-    # Each transcript three times: about 13% of the pretraining tokens (docs/demo.md: the chat transcripts)
+    # By default three copies each: about 13% of the pretraining tokens (docs/demo.md: chat transcripts)
     documents = with_transcripts(prose, [chat_text(r) for r in sft], transcript_repeats, random.Random(seed + 2))
     jsonl("pretrain_data.jsonl", ({"text": t} for t in documents))
     jsonl("sft_data.jsonl", sft + tool_rows)  # both formats, as data_process.py sft reads them
