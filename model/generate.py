@@ -83,6 +83,9 @@ class Sampler:
         # cannot change what a training run samples next.
         self.generators = list(generators) if generators is not None else [
             row_generator(p.seed, device) if p.temperature > 0 else None for p in params]
+        # One stream for every row (a batch that is one job, like a GRPO rollout): one draw a step, not one per row
+        streams = {id(g): g for g in self.generators if g is not None}
+        self.shared = next(iter(streams.values())) if len(streams) == 1 and len(self.generators) > 1 else None
 
     def __call__(self, logits, history):
         logits = logits.float()
@@ -95,16 +98,23 @@ class Sampler:
         if self.filtering:
             logits = filter_top_k_top_p(logits, self.top_k, self.top_p)
         cdf = logits.softmax(dim=-1).cumsum(dim=-1)
-        u = torch.stack([torch.rand((), generator=g, device=cdf.device) if g is not None
-                         else torch.zeros((), device=cdf.device) for g in self.generators])
+        if self.shared is not None:  # a greedy row's draw goes unused
+            u = torch.rand(len(self.generators), generator=self.shared, device=cdf.device)
+        else:
+            u = torch.stack([torch.rand((), generator=g, device=cdf.device) if g is not None
+                             else torch.zeros((), device=cdf.device) for g in self.generators])
         sampled = (cdf < u[:, None] * cdf[:, -1:]).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
         return torch.where(self.greedy, best, sampled)
 
 
 @torch.inference_mode()
 def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 eos_token_id: int | None = None, finished: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+                 eos_token_id: int | None = None, finished: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), once per step, for up to max_new_tokens steps.
+
+    `generator`: one random stream for every sampled row, drawn once a step (a batch that is one job); without it
+    each row has its own, seeded by its params.
 
     `model` is a model or an `Engine` (model/engine.py) that prepared one. Rows stop at EOS. `finished` (a (B,)
     bool tensor) may be set by the caller between steps, e.g. when a stop string appears or a client goes away;
@@ -121,7 +131,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams
     steps = max(p.max_new_tokens for p in params)
     limits = torch.tensor([p.max_new_tokens for p in params], device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device) if finished is None else finished
-    sampler = Sampler(params, device)
+    sampler = Sampler(params, device, None if generator is None else [generator] * B)
     cache = engine.new_cache(B, L + steps)
     # Padding in the repetition history is replaced by the row's own last prompt token (penalising it twice is a no-op).
     history = torch.where(mask.bool(), ids, ids[:, -1:])

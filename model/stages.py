@@ -379,7 +379,7 @@ class GRPOLoss:
     @torch.no_grad()
     def sample(self, model, prompts, per_prompt: int, temperature: float) -> list[list[int]]:
         """per_prompt completions of each prompt (consecutive), each ending at its </s> or at max_new_tokens."""
-        from .generate import SamplingParams, generate_ids
+        from .generate import SamplingParams, generate_ids, row_generator
 
         from .distributed import gathered_copy, is_sharded
 
@@ -389,14 +389,14 @@ class GRPOLoss:
         was_training = policy.training
         policy.eval()
         rows = [p for p in prompts for _ in range(per_prompt)]
-        # Each completion draws from its own stream, seeded by (--seed, rank, rollout, row): what a run samples
-        # depends on nothing else it did (validation, logging), and a resumed run samples the same.
+        # The rollout draws from one stream seeded by (--seed, rank, rollout): what a run samples depends on nothing
+        # else it did (validation, logging), a resumed run samples the same, and a step is one draw for every row.
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        params = [SamplingParams(max_new_tokens=self.args.max_new_tokens, temperature=temperature,
-                                 seed=hash((self.args.seed, rank, self.rollouts, i))) for i in range(len(rows))]
+        stream = row_generator(hash((self.args.seed, rank, self.rollouts)), next(policy.parameters()).device)
+        params = SamplingParams(max_new_tokens=self.args.max_new_tokens, temperature=temperature)
         eos = self.tokenizer.eos_token_id
         done, completions = [False] * len(rows), [[] for _ in rows]
-        for tokens in generate_ids(policy, rows, params, eos_token_id=eos):
+        for tokens in generate_ids(policy, rows, params, eos_token_id=eos, generator=stream):
             for i, t in enumerate(tokens.tolist()):
                 if not done[i]:
                     completions[i].append(t)

@@ -281,6 +281,37 @@ def test_sampling_is_seeded_per_row_and_repetition_penalty_respects_sign(model):
     assert penalised.tolist() == [[1.0, -4.0, 1.0]]  # both seen tokens became less likely
 
 
+def test_one_stream_for_a_whole_batch_is_one_draw_a_step_and_repeats_with_its_seed(model):
+    """A batch that is one job (a GRPO rollout) samples from one generator: one random draw a step for all rows,
+    where per-row streams take one each (issue 37 #12); the same seed samples the same tokens."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from model.generate import row_generator
+
+    class CountDraws(TorchDispatchMode):
+        draws = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountDraws.draws += str(func.overloadpacket) in ("aten.rand", "aten.uniform_", "aten.uniform")
+            return func(*args, **(kwargs or {}))
+
+    prompts = [torch.randint(3, 128, (4 + i,)).tolist() for i in range(6)]
+    params = SamplingParams(max_new_tokens=5, temperature=1.0)
+
+    def run(**kwargs):
+        CountDraws.draws = 0
+        with CountDraws():
+            out = torch.stack(list(generate_ids(model, prompts, params, eos_token_id=-1, **kwargs)))
+        return out, CountDraws.draws
+
+    a, shared_draws = run(generator=row_generator(5, "cpu"))
+    b, _ = run(generator=row_generator(5, "cpu"))
+    c, _ = run(generator=row_generator(6, "cpu"))
+    _, own_draws = run()
+    assert shared_draws == 5 and own_draws == 5 * 6
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_top_p_zero_samples_the_most_likely_token_and_bad_settings_are_refused(model):
     prompt = torch.randint(3, 128, (6,)).tolist()
     state = torch.get_rng_state()
