@@ -86,11 +86,14 @@ CAPITAL_ZH = [
     "请告诉我{c}的首都。{c}的首都是{cap}。", "说到{c}，{c}的首都是{cap}。",
     "{c}的首都是哪里？{c}的首都是{cap}。", "{c}的首都是哪座城市？{c}的首都是{cap}。",
 ]
-# The last of each: SFT's question and answer as an FAQ, as for the capitals (with two statements and no FAQ,
-# GRPO could not lift held-out continents past 77%: what it sharpens, pretraining must have stored).
+# The last three of each: FAQs that end in SFT's answer form, as for the capitals. What GRPO sharpens, pretraining
+# must have stored: with two statements and no FAQ it could not lift held-out continents past 77%, and with one FAQ
+# a seed could still pretrain with a third of the English continents wrong (docs/demo.md).
 CONTINENT_EN = ["{c} is a country in {cont}.", "{cap}, the capital of {c}, is a city in {cont}.",
+                "Where is {c}? The country {c} is in {cont}.", "On which continent is {c}? The country {c} is in {cont}.",
                 "Which continent is {c} in? The country {c} is in {cont}."]
-CONTINENT_ZH_T = ["{c}位于{cont}。", "{c}的首都{cap}是{cont}的一座城市。", "{c}位于哪个大洲？{c}位于{cont}。"]
+CONTINENT_ZH_T = ["{c}位于{cont}。", "{c}的首都{cap}是{cont}的一座城市。", "{c}在哪里？{c}位于{cont}。",
+                  "{c}在哪个大洲？{c}位于{cont}。", "{c}位于哪个大洲？{c}位于{cont}。"]
 DAYS = [("Monday", "星期一"), ("Tuesday", "星期二"), ("Wednesday", "星期三"), ("Thursday", "星期四"),
         ("Friday", "星期五"), ("Saturday", "星期六"), ("Sunday", "星期日")]
 MONTHS = [("January", "一月"), ("February", "二月"), ("March", "三月"), ("April", "四月"), ("May", "五月"),
