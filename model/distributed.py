@@ -290,6 +290,10 @@ class DeepSpeed(MultiProcess):
         if self.amp_dtype is not None:
             config["bf16" if self.amp_dtype is torch.bfloat16 else "fp16"] = {"enabled": True}
         self.raw = model.to(self.device)
+        # The engine casts every weight to bf16/fp16 but keeps fp32 masters only of those it trains: a frozen weight
+        # (--freeze_embeddings, LoRA's base) would be saved rounded. Frozen, it never changes: keep it as it came.
+        self.frozen = {name: p.detach().to("cpu", copy=True)
+                       for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
         # The engine steps our AdamW on its fp32 partitions: the schedule and the skip flag act on that optimizer.
         self.optimizer = make_optimizer(model)
         self.model, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
@@ -318,7 +322,7 @@ class DeepSpeed(MultiProcess):
         # The fp32 master weights (gathered from the partitions, a collective per parameter), not the bf16 copies
         state = self.raw.state_dict()
         for name, p in self.raw.named_parameters(remove_duplicate=False):
-            master = safe_get_full_fp32_param(p)
+            master = safe_get_full_fp32_param(p) if p.requires_grad else self.frozen.get(name)
             if master is not None:
                 state[name] = master
         return {k: v.detach().cpu() for k, v in state.items()}

@@ -232,6 +232,19 @@ def test_sft_resumes_bitwise_across_an_epoch_boundary(demo_data, small_sft, tmp_
     same_weights(tmp_path / "straight" / "full_sft_64.safetensors", tmp_path / "resumed" / "full_sft_64.safetensors")
 
 
+def test_deepspeed_bf16_saves_a_frozen_embedding_as_it_was(demo_data, small_sft, tmp_path):
+    """DeepSpeed casts every weight to bf16 and keeps fp32 masters of the trained ones only: the frozen tied
+    embedding was saved rounded to bf16 (issue 37 #13). It must come out bit for bit as it went in, in fp32,
+    while the trained weights move."""
+    launch(["3-full_sft.py", *sft_run(demo_data, small_sft, tmp_path, "--max_steps", "2", "--save_interval", "0",
+                                      "--freeze_embeddings", "--deepspeed", "ds_config.json", "--dtype", "bfloat16")],
+           "deepspeed", nproc=1)
+    before, after = load_file(str(small_sft[1])), load_file(str(tmp_path / "full_sft_64.safetensors"))
+    name = "model.tok_embeddings.weight"
+    assert after[name].dtype == torch.float32 and torch.equal(before[name], after[name])
+    assert not torch.equal(before["model.layers.0.attention.wq.weight"], after["model.layers.0.attention.wq.weight"])
+
+
 def test_precision_choice_and_autocast():
     assert resolve_precision("cpu", "auto") is None
     assert resolve_precision("cuda", "auto", bf16_supported=True) is torch.bfloat16
