@@ -16,9 +16,9 @@ def add_inference_args(parser: argparse.ArgumentParser, ckpt: str):
     g.add_argument("--preset", default=None, help="dims for an upstream .pth (see model/LMConfig.py)")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8: int8 weights (torchao, weight-only, per row); with --dtype bfloat16 --compile the "
-                        "fastest decoding on CPU (see model/engine.py)")
+    g.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="int8: int8 weights (torchao, weight-only, per row), fast on CPU with --dtype bfloat16 "
+                        "--compile; int4: 4-bit weights in groups of 32, CPU only (see model/engine.py)")
     g.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile: faster tokens after a one-time compilation of "
                         "tens of seconds on CPU (see model/engine.py)")

@@ -14,7 +14,8 @@ Everything decoding does for speed lives here, not in the model file:
 - `tune`: each plain linear computes its product in whichever form this CPU runs fastest, timed once on the
   model's own weight shapes (`DecodeLinear`, `tune_products`); CPUs differ a lot here (bench/bench_decode_parts.py).
   A one-token step's grouped-query attention runs as plain attention over the kv heads (`DecodeAttention`).
-- `quantize="int8"`: int8 weights (torchao, weight-only, one scale per output row).
+- `quantize="int8"`: int8 weights (torchao, weight-only, one scale per output row); `"int4"`: 4-bit weights in
+  groups of 32 (torch's int4 CPU kernel; `Int4Linear`).
 - `compile`: every decode step runs as one torch.compile'd graph (gpt-fast's approach), any number of rows and
   any length with the same graph, checking only the guards that can change between calls.
 
@@ -239,6 +240,42 @@ def quantize_int8(model):
     return model
 
 
+# ---------------------------------------------------------------------------------------------------------- int4
+class Int4Linear(nn.Module):
+    """A linear with 4-bit weights for CPU decoding: each group of `group` inputs of an output row keeps its own
+    scale and offset (w = (q - 8) * scale + zero, q in 0..15: the layout of torch's int4 CPU kernel, the same
+    grouping as llama.cpp's Q4_0); activations go in and out in bf16."""
+
+    def __init__(self, linear: nn.Linear, group: int = 32):
+        super().__init__()
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
+        w = linear.weight.detach().float().view(self.out_features, -1, group)  # (N, K/G, G)
+        lo, hi = w.amin(-1), w.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = ((w - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q.view(self.out_features, -1), 1))
+        zero = lo + 8 * scale
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+                             .to(torch.bfloat16))  # (K/G, N, 2)
+
+    def forward(self, x):
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_and_zeros)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_int4(model, group: int = 32):
+    """4-bit weights for CPU inference: every plain Linear becomes an Int4Linear (torch's own int4 kernel); the
+    embedding stays as it is. Layers whose inputs do not divide into groups stay as they are."""
+    if next(model.parameters()).device.type != "cpu":
+        raise InputError("int4 weights are for CPU decoding (torch's int4 CPU kernel); on a GPU use int8 or bf16")
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if plain_linear(child) and child.in_features % group == 0:
+                setattr(parent, name, Int4Linear(child, group))
+    return model
+
+
 # -------------------------------------------------------------------------------------------------------- engine
 # The guards a compiled decode step keeps. Before every call dynamo checks that nothing the graph was built from has
 # changed; for a whole model that means every module's hooks, attributes and constants and the identity of every
@@ -272,8 +309,10 @@ class Engine:
         self.tuning = None
         if quantize == "int8":
             quantize_int8(model)
+        elif quantize == "int4":
+            quantize_int4(model)
         elif quantize is not None:
-            raise InputError(f"unknown quantization {quantize!r} (int8)")
+            raise InputError(f"unknown quantization {quantize!r} (int8, int4)")
         if tune and self.device.type == "cpu":  # on GPUs F.linear is the product; nothing to choose
             linears = [m for m in model.modules() if plain_linear(m)]
             self.tuning = tune_products(linears, rows=(1, 16))
@@ -308,8 +347,10 @@ class Engine:
         return torch.compile(step, options={"cpp_wrapper": True, "guard_filter_fn": _decode_step_guards})
 
     def generate_warmup(self, rows: int):
-        cache = self.new_cache(rows, 4)
-        self.prefill(cache, 0, [[0]] * rows)
+        # Sizes that equal each other while compiling get one symbol (dynamo's duck shaping) and guards that keep them
+        # equal: rows, columns and the cache's capacity are all different here, or a later step recompiles.
+        cache = self.new_cache(rows, 4 * (rows + 8))
+        self.prefill(cache, 0, [[0] * (rows + 5)] * rows)
         for _ in range(2):
             self.decode(cache, torch.zeros(rows, dtype=torch.long, device=self.device))
 
@@ -364,7 +405,8 @@ class Engine:
         n = tokens.shape[0]
         tokens = tokens.reshape(n, 1).clone()  # an inference tensor, whatever the caller's was (one graph for all)
         columns = max(cache.ends[:n]) + 1
-        cache.reserve(columns)
+        # A spare column: a view of the whole buffer would be contiguous, which a compiled step guards (another graph).
+        cache.reserve(columns + 1)
         keys = [t[:n, :, :columns] for t in cache.k]
         values = [t[:n, :, :columns] for t in cache.v]
         start, end = cache.start[:n], cache.end[:n]

@@ -132,7 +132,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], params: SamplingParams
     limits = torch.tensor([p.max_new_tokens for p in params], device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device) if finished is None else finished
     sampler = Sampler(params, device, None if generator is None else [generator] * B)
-    cache = engine.new_cache(B, L + steps)
+    cache = engine.new_cache(B, L + steps + 1)  # the decode step keeps one column spare (Engine.decode)
     # Padding in the repetition history is replaced by the row's own last prompt token (penalising it twice is a no-op).
     history = torch.where(mask.bool(), ids, ids[:, -1:])
 

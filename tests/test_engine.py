@@ -133,6 +133,24 @@ def test_compiled_step_equals_eager_for_any_length_and_row_count_without_recompi
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_a_compiled_engine_never_compiles_again_in_the_steady_state():
+    """200 decode steps whose row count changes every step (1 to 6 rows, each at its own length, the cache growing
+    past its first capacity) after preparing with rows=(1, 2): no new graph, no recompilation (issue 35)."""
+    engine = Engine(tiny_model(), compile=True, rows=(1, 2))
+    cache = engine.new_cache(6, 8)
+    engine.prefill(cache, 0, prompts_of(5, 2, 7, 1, 3, 4))
+    graphs, frames = counters["stats"]["unique_graphs"], dict(counters["frames"])
+    g = torch.Generator().manual_seed(0)
+    for step in range(200):
+        n = int(torch.randint(1, 7, (1,), generator=g))
+        engine.decode(cache, torch.randint(3, 128, (n,), generator=g))
+        if max(cache.ends) > 40:  # rewind the rows, as a server refills finished ones
+            for row in range(6):
+                cache.set_row(row, 0, 1 + row)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert dict(counters["frames"]) == frames  # dynamo's frame counts: a recompile would add to them
+
+
 def test_compiled_step_follows_a_cast_and_refuses_a_model_changed_after_preparing():
     """The compiled step guards every tensor it reads: after a cast to bf16 it compiles anew and gives bf16's
     tokens. What it does not guard, the model's modules and hooks, the engine checks before each generation."""
@@ -184,6 +202,33 @@ def test_int8_weights():
         logits.append([engine.prefill(cache, 0, prompts)] + [engine.decode(cache, t) for t in steps[:-1]])
     for a, b in zip(*logits):
         assert (a.float() - b.float()).abs().max() < 0.05 * a.float().abs().max()
+
+
+def test_int4_weights_compute_what_their_dequantized_weights_compute():
+    """Int4Linear: groups of 32 inputs per output row at 4 bits each, through torch's int4 CPU kernel. The product
+    equals x @ W_deq^T of the weights it dequantizes to, W_deq is within half a step of the weights (plus bf16's
+    rounding of the scales and of the output), and a compiled int4 engine decodes what the eager one does."""
+    from model.engine import Int4Linear, quantize_int4
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96, bias=False)
+    q4 = Int4Linear(linear)
+    w = linear.weight.detach().view(96, 2, 32)
+    step = (w.amax(-1) - w.amin(-1)) / 15  # (96, 2)
+    # Dequantize from the kernel itself: the product with the identity is the dequantized weight.
+    deq = q4(torch.eye(64)).float().T  # (96, 64)
+    error = (deq - linear.weight).abs().view(96, 2, 32) / step[..., None]  # in quantization steps
+    assert error.max() < 0.6 and error.mean() < 0.3
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(q4(x).float(), x.bfloat16().float() @ deq.T, rtol=0.02, atol=0.02)
+    model = quantize_int4(tiny_model())  # hidden_dim 176 is not a multiple of 32: w2 stays as it is
+    kinds = {name.split(".")[-1]: type(m).__name__ for name, m in model.named_modules() if hasattr(m, "in_features")}
+    assert kinds == {"wq": "Int4Linear", "wk": "Int4Linear", "wv": "Int4Linear", "wo": "Int4Linear",
+                     "w1": "Int4Linear", "w3": "Int4Linear", "w2": "Linear", "lm_head": "Int4Linear"}
+    prompts = prompts_of(7, 3)
+    eager = tokens(Engine(model), prompts, SamplingParams(max_new_tokens=8))
+    compiled = tokens(Engine(copy.deepcopy(model), compile=True, rows=(2,)), prompts, SamplingParams(max_new_tokens=8))
+    assert eager == compiled
 
 
 def test_the_cache_holds_the_dtype_attention_computes_in():
