@@ -53,8 +53,8 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
 
 def step_weights(config) -> int:
     """Numbers one decode step reads: the weight matrices and the (tied) output head; the embedding lookup is a row."""
-    per_layer = (2 * config.dim * config.n_heads * config.head_dim + 2 * config.dim * config.n_kv_heads * config.head_dim
-                 + 3 * config.dim * config.hidden_dim)
+    attention = 2 * config.dim * (config.n_heads + config.n_kv_heads) * config.head_dim
+    per_layer = attention + 3 * config.dim * config.hidden_dim
     return config.n_layers * per_layer + config.vocab_size * config.dim
 
 
