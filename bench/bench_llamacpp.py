@@ -6,12 +6,16 @@ Random weights (seeded), batch 1, a 32-token prompt, greedy, EOS ignored, best o
 project's own GGUF export (f32), quantized by llama.cpp's quantizer to F16, Q8_0 and Q4_0; we decode the same
 weights with model/engine.py as the chat scripts prepare it (`--dtype`, `--quantize`, `--compile`). Each row also
 prints the bound of that precision: the bytes one step must read (every weight matrix and the output head) over
-this machine's read bandwidth, measured here. Agreement: the share of our greedy tokens that equal fp32's.
+this machine's read bandwidth, measured here. Agreement: the share of our greedy tokens that equal fp32's (random
+weights repeat a token, so it shows breakage, not closeness).
 
 Needs llama-cpp-python (requirements-bench.txt); where it is not installed, says so in one line and stops.
 """
 import argparse
 import copy
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,22 +62,52 @@ def step_weights(config) -> int:
     return config.n_layers * per_layer + config.vocab_size * config.dim
 
 
-def quantize_gguf(llama_cpp, src: Path, dst: Path, ftype: str, threads: int) -> Path:
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.nthread = threads
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
-        raise RuntimeError(f"llama.cpp could not quantize to {ftype}")
+QUANTIZE = """
+import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
+params.nthread = int(sys.argv[4])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
+
+
+def quantize_gguf(src: Path, dst: Path, ftype: str, threads: int) -> Path:
+    """llama.cpp's own quantizer (what its llama-quantize tool runs), in a process of its own: it logs every tensor,
+    and a Llama loaded after it in the same process crashed."""
+    done = subprocess.run([sys.executable, "-c", QUANTIZE, str(src), str(dst), ftype, str(threads)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp could not quantize to {ftype}: {done.stderr[-500:]}")
     return dst
 
 
-def llamacpp_rate(llm, prompt, new_tokens) -> tuple[float, list]:
+LLAMACPP_RATE = """
+import json, sys, time, llama_cpp
+path, threads, repeats, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+prompt = json.loads(sys.argv[5])
+llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+def run(n):
     start, out = time.perf_counter(), []
     for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
         out.append(token)
-        if len(out) == new_tokens:
+        if len(out) == n:
             break
-    return new_tokens / (time.perf_counter() - start), out
+    return n / (time.perf_counter() - start)
+run(8)  # warm-up
+print(json.dumps(max(run(new_tokens) for _ in range(repeats))))
+llm.close()
+"""
+
+
+def llamacpp_rate(path: Path, prompt, new_tokens, repeats, threads) -> float | str:
+    """Best tokens/s of llama.cpp on one file, in a process of its own (in this one, beside torch's threads, its
+    first decode crashed), or why there is none."""
+    done = subprocess.run([sys.executable, "-c", LLAMACPP_RATE, str(path), str(threads), str(repeats),
+                           str(new_tokens), json.dumps(prompt)], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        return f"failed: {last[0][:60]}"
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def our_rate(engine, prompt, new_tokens) -> tuple[float, list]:
@@ -101,7 +135,6 @@ def main():
         return
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}; {args.threads} threads; llama-cpp-python {llama_cpp.__version__}")
-    print(llama_cpp.llama_print_system_info().decode().strip())
     torch.manual_seed(0)
     config = preset_config(args.preset)
     model = MiniMindForCausalLM(config).eval()
@@ -115,14 +148,9 @@ def main():
         f32 = export_gguf(model, tokenizer, Path(tmp) / "model-f32.gguf")
         files = {"F32": f32}
         for ftype in ("F16", "Q8_0", "Q4_0"):
-            files[ftype] = quantize_gguf(llama_cpp, f32, Path(tmp) / f"model-{ftype}.gguf", ftype, args.threads)
-        theirs = {}
-        for ftype, path in files.items():
-            llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=args.threads,
-                                  n_threads_batch=args.threads, verbose=False)
-            llamacpp_rate(llm, prompt, 8)  # warm-up
-            theirs[ftype] = max(llamacpp_rate(llm, prompt, args.new_tokens)[0] for _ in range(args.repeats))
-            del llm
+            files[ftype] = quantize_gguf(f32, Path(tmp) / f"model-{ftype}.gguf", ftype, args.threads)
+        theirs = {ftype: llamacpp_rate(path, prompt, args.new_tokens, args.repeats, args.threads)
+                  for ftype, path in files.items()}
         for name, ftype, options, nbytes in PRECISIONS:
             bound = bandwidth / (step_weights(config) * nbytes)
             options = dict(options)
@@ -133,12 +161,14 @@ def main():
             runs = [our_rate(engine, prompt, args.new_tokens) for _ in range(args.repeats)]
             ours, tokens = max(r[0] for r in runs), runs[0][1]
             reference = tokens if reference is None else reference
-            rows.append([name, ftype, f"{theirs[ftype]:.0f}", f"{ours:.0f}", f"{ours / theirs[ftype]:.2f}x",
+            ref = theirs[ftype]
+            rows.append([name, ftype, ref if isinstance(ref, str) else f"{ref:.0f}", f"{ours:.0f}",
+                         "-" if isinstance(ref, str) else f"{ours / ref:.2f}x",
                          f"{bound:.0f}", f"{agreement(tokens, reference):.0%}",
                          f"{min(r[0] for r in runs) / ours:.2f}"])
     print(f"\ndecode tok/s, batch 1, {len(prompt)}-token prompt, {args.new_tokens} new tokens, best of {args.repeats}")
-    print(table(rows, ["ours", "llama.cpp", "llama.cpp tok/s", "ours tok/s", "ours / llama.cpp",
-                       "bound tok/s", "agrees with fp32", "worst / best"]))
+    table(rows, ["ours", "llama.cpp", "llama.cpp tok/s", "ours tok/s", "ours / llama.cpp", "bound tok/s",
+                 "agrees with fp32", "worst / best"])
 
 
 if __name__ == "__main__":
