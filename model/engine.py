@@ -163,7 +163,9 @@ PRODUCTS = {
     "linear": lambda x, w: F.linear(x, w),
     "weight_first": lambda x, w: (w @ x.T).T,  # the weight as the long operand: another BLAS kernel
     "padded": lambda x, w: (w @ torch.cat([x, x]).T).T[: x.shape[0]],  # one row computed as two (see above)
+    "mv": lambda x, w: torch.mv(w, x[0])[None],  # one row only: torch's GEMV, on some CPUs faster than linear for bf16
 }
+ONE_ROW_ONLY = ("padded", "mv")
 
 
 class DecodeLinear(nn.Linear):
@@ -203,7 +205,7 @@ def tune_products(linears: list, rows: Sequence[int] = (1, 16), repeats: int = 3
                       for m in linears}
             times = {}
             for name, product in PRODUCTS.items():
-                if name == "padded" and n != 1:
+                if name in ONE_ROW_ONLY and n != 1:
                     continue
                 best = float("inf")
                 for _ in range(repeats + 1):  # the first round warms up
