@@ -123,6 +123,14 @@ class Check:
         if not sum(losses[-2:]) < sum(losses[:2]):
             raise Failed(f"the loss did not fall: {losses}")
 
+    def moe_bf16_compiled(self):
+        """MoE in bf16 takes torch._grouped_mm (no host sync, one graph): CUDA's kernel and its alignment here."""
+        self.run("moe", [PY, *self.pretrain("moe", "--use_moe", "--dtype", "bfloat16", "--compile", "--max_steps",
+                                            "20")], 400)
+        losses = self.trained("moe", "pretrain_64_moe", "pretrain_64_moe.safetensors")
+        if not sum(losses[-2:]) < sum(losses[:2]):
+            raise Failed(f"the loss did not fall: {losses}")
+
     def fp16(self):
         self.run("fp16", [PY, *self.pretrain("fp16", "--dtype", "float16", "--max_steps", "2", "--log_interval", "1")],
                  180)
@@ -228,6 +236,13 @@ class Check:
                                     *flags], 240)
         if "🤖: " not in out:
             raise Failed(f"no answer printed: {last_line(out)}")
+
+    def decode_attention(self):
+        """The engine's decode attention layout against the model's, on this device (bench_decode_attention.py)."""
+        dtype = "float32" if self.device == "cpu" else "bfloat16"
+        out = self.run("decode_attention", [PY, "bench/bench_decode_attention.py", "--device", self.device,
+                                            "--dtype", dtype], 240)
+        print(out[out.index("| rows"):].rstrip(), flush=True)
 
     def server(self):
         import httpx
@@ -345,6 +360,7 @@ def rows_of(check: Check):
         ("data", "demo data, tokenizer, tokens", (), check.data),
         ("pretrain", "pretrain, bf16, --compile", ("data",), check.pretrain_bf16_compiled),
         ("fp16", "pretrain, fp16 + GradScaler, 2 steps", ("data",), check.fp16),
+        ("moe", "MoE pretrain, bf16, --compile (grouped experts)", ("data",), check.moe_bf16_compiled),
         ("ddp", f"torchrun --nproc_per_node {check.nproc}, DDP ({check.backend})", ("data",),
          lambda: check.launched("ddp", "DDP", launcher=check.torchrun())),
         ("fsdp", f"torchrun --nproc_per_node {check.nproc}, FSDP2 ({check.backend})", ("data",),
@@ -367,6 +383,8 @@ def rows_of(check: Check):
          lambda: check.distill("--dtype", "bfloat16", "--compile", out="distill_compiled")),
         ("gen_fp32", "generate, fp32", ("sft",), check.generate),
         ("gen_bf16", "generate, bf16, --compile", ("sft",), lambda: check.generate("--dtype", "bfloat16", "--compile")),
+        ("decode_attention", "decode attention: DecodeAttention vs GQA SDPA with a mask", (),
+         check.decode_attention),
         ("server", "server round trip; json_object beside greedy requests", ("sft",), check.server),
         ("ceval", "C-Eval (demo set)", ("sft",), check.ceval),
         ("export", "export hf, llama, gguf", ("dpo",), check.export),

@@ -13,7 +13,8 @@ decode through an `Engine`:
 Everything decoding does for speed lives here, not in the model file:
 - `tune`: each plain linear computes its product in whichever form this CPU runs fastest, timed once on the
   model's own weight shapes (`DecodeLinear`, `tune_products`); CPUs differ a lot here (bench/bench_decode_parts.py).
-  A one-token step's grouped-query attention runs as plain attention over the kv heads (`DecodeAttention`).
+  On every device, a one-token step's grouped-query attention runs as plain attention over the kv heads
+  (`DecodeAttention`).
 - `quantize="int8"`: int8 weights (torchao, weight-only, one scale per output row); `"int4"`: 4-bit weights in
   groups of 32 (torch's int4 CPU kernel; `Int4Linear`).
 - `compile`: every decode step runs as one torch.compile'd graph (gpt-fast's approach), any number of rows and
@@ -184,9 +185,10 @@ class DecodeLinear(nn.Linear):
 
 class DecodeAttention(Attention):
     """Attention whose one-token step (a decode step) runs the H/K query heads that share a kv head as H/K query
-    rows of a plain attention over that kv head: the same sums as the GQA kernel in another layout, which torch's
-    CPU kernel runs faster (1.4x at 288 keys and 16 rows, measured when it was part of the model). The engine turns a
-    model's Attention modules into this class in place, and back on release."""
+    rows of a plain attention over that kv head: the same sums as the GQA kernel in another layout. torch's CPU
+    kernel runs it faster; on CUDA the GQA kernels that take a mask are only the math one, while this layout has
+    no GQA left, so the memory-efficient kernel takes the step's mask (bench/bench_decode_attention.py measures
+    both). The engine turns a model's Attention modules into this class in place, and back on release."""
 
     def attend(self, q, k, v, mask):
         B, H, T, D = q.shape
@@ -321,6 +323,7 @@ class Engine:
             for m in linears:
                 m.__class__ = DecodeLinear
                 m.one, m.few = self.tuning[1][0], self.tuning[16][0]
+        if tune:
             for m in model.modules():
                 if type(m) is Attention:
                     m.__class__ = DecodeAttention

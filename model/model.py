@@ -64,6 +64,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.flatten(-2).type_as(x)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's where it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 # ------------------------------------------------------------------------------------------------------- layers
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -187,11 +193,37 @@ class MOEFeedForward(nn.Module):
         expert_of_pair = top_idx.flatten()  # (N*k,)
         order = expert_of_pair.argsort(stable=True)
         token_of_pair = order // k  # which token each sorted pair belongs to
-        counts = torch.bincount(expert_of_pair, minlength=n_experts).tolist()
-        expert_inputs = flat[token_of_pair].split(counts)
-        expert_outputs = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, expert_inputs)])
+        counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, expert_of_pair, torch.ones_like(expert_of_pair))  # (E,) pairs per expert, still on the device
+        inputs = flat[token_of_pair]  # (N*k, dim), grouped by expert
+        if compute_dtype(flat) == torch.bfloat16:
+            expert_outputs = self.grouped_experts(inputs, expert_of_pair[order], counts)
+        else:  # torch's grouped matmul is bf16-only: one matmul per expert, whose sizes the host must read
+            expert_outputs = torch.cat([expert(chunk) for expert, chunk in
+                                        zip(self.experts, inputs.split(counts.tolist()))])
         weighted = expert_outputs * top_weight.flatten()[order, None].to(expert_outputs.dtype)
         return torch.zeros_like(flat).index_add_(0, token_of_pair, weighted.type_as(flat))
+
+    def grouped_experts(self, x, expert_of_row, counts):
+        """Every expert on its rows of x (grouped by expert) in one grouped matmul per weight: the group sizes stay
+        on the device, so there is no host sync and no graph break. Each group is padded to a multiple of 8 rows
+        (16 bytes of bf16, the alignment CUDA's kernel asks of a group) in a buffer of a size fixed by the shapes."""
+        n, n_experts = x.shape[0], counts.shape[0]
+        padded = (counts + 7) // 8 * 8
+        ends = padded.cumsum(0)  # (E,) where each padded group ends: the kernel's offsets
+        first_row = counts.cumsum(0) - counts  # where each expert's rows start in x
+        rows = torch.arange(n, device=x.device)
+        slot = (ends - padded)[expert_of_row] + rows - first_row[expert_of_row]  # (n,) each row's place
+        buffer = x.new_zeros(n + 7 * n_experts, x.shape[1], dtype=torch.bfloat16).index_copy(
+            0, slot, x.to(torch.bfloat16))  # (M, dim)
+
+        def grouped(inp, name):  # inp (M, d_in) @ each expert's weight^T, group by group
+            weight = torch.stack([getattr(expert, name).weight for expert in self.experts])  # (E, d_out, d_in)
+            return torch._grouped_mm(inp, weight.to(torch.bfloat16).transpose(1, 2), offs=ends.to(torch.int32))
+
+        hidden = F.silu(grouped(buffer, "w1")) * grouped(buffer, "w3")  # (M, hidden)
+        out = F.dropout(grouped(hidden, "w2"), self.config.dropout, self.training)  # (M, dim)
+        return out[slot]  # (n, dim); rows past the last group are never read
 
     def balance_loss(self, top_idx, scores, B, T):
         """Load-balancing loss alpha * sum_e f_e * P_e (f: share of picks, P: mean router probability).

@@ -122,6 +122,54 @@ def test_moe_dispatch_equals_naive_loop():
     torch.testing.assert_close(batched, naive_moe(ffn, x), atol=1e-5, rtol=1e-5)
 
 
+def moe_layer_in_bf16():
+    model = tiny_model(use_moe=True, n_routed_experts=4, num_experts_per_tok=2).to(torch.bfloat16).train()
+    return model.model.layers[0].feed_forward
+
+
+def test_moe_in_bf16_runs_its_experts_as_one_grouped_matmul_equal_to_one_matmul_each(monkeypatch):
+    import model.model as modeling
+
+    ffn = moe_layer_in_bf16()
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16)
+    grouped = ffn(x)[0]
+    grouped.float().square().sum().backward()
+    grouped_grads = [p.grad.clone() for p in ffn.experts.parameters()]
+    ffn.zero_grad()
+    calls = []
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(modeling, "compute_dtype", lambda x: torch.float32)  # the loop over experts instead
+    looped = ffn(x)[0]
+    looped.float().square().sum().backward()
+    assert calls == []  # the reference really took the loop
+    torch.testing.assert_close(grouped, looped, atol=0, rtol=0)  # bf16 products summed the same way
+    for mine, theirs in zip(grouped_grads, (p.grad for p in ffn.experts.parameters())):
+        torch.testing.assert_close(mine, theirs, atol=1e-2, rtol=1e-2)
+    assert all(g.abs().sum() > 0 for g in grouped_grads)  # every expert got rows and a gradient
+
+
+def test_moe_under_autocast_groups_its_experts_and_matches_fp32():
+    model = tiny_model(use_moe=True, n_routed_experts=4, num_experts_per_tok=2)
+    ffn = model.model.layers[0].feed_forward
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        exact = naive_moe(ffn, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = ffn(x)[0]
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, atol=5e-2, rtol=5e-2)
+
+
+def test_moe_in_bf16_never_waits_for_the_host_and_compiles_whole():
+    from conftest import host_syncs
+
+    ffn = moe_layer_in_bf16()
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    assert host_syncs(lambda: ffn(x)[0].float().sum().backward()) == []
+    compiled = torch.compile(ffn, backend="eager", fullgraph=True)  # fullgraph: a graph break is an error
+    torch.testing.assert_close(compiled(x)[0], ffn(x)[0], atol=0, rtol=0)
+
+
 def test_moe_aux_loss_is_in_the_loss_and_trains_the_gate():
     model = tiny_model(use_moe=True, aux_loss_alpha=0.1).train()
     ids = torch.randint(0, 128, (4, 32))
