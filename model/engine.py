@@ -14,11 +14,14 @@ Everything decoding does for speed lives here, not in the model file:
 - `tune`: each plain linear computes its product in whichever form this CPU runs fastest, timed once on the
   model's own weight shapes (`DecodeLinear`, `tune_products`); CPUs differ a lot here (bench/bench_decode_parts.py).
   On every device, a one-token step's grouped-query attention runs as plain attention over the kv heads
-  (`DecodeAttention`).
+  (`DecodeAttention`). A compiled CPU step is not tuned: inductor chooses its own products (below).
 - `quantize="int8"`: int8 weights (torchao, weight-only, one scale per output row); `"int4"`: 4-bit weights in
   groups of 32 (torch's int4 CPU kernel; `Int4Linear`).
 - `compile`: every decode step runs as one torch.compile'd graph (gpt-fast's approach), any number of rows and
-  any length with the same graph, checking only the guards that can change between calls.
+  any length with the same graph, checking only the guards that can change between calls. On CPU the graph holds
+  the weights as constants (inductor's freezing) and picks each product by timing inductor's C++ GEMM against
+  ATen's, in place of `tune`'s forms: the step uses the weights the model had when it compiled, so an engine is
+  prepared again after training changes them.
 
 Rows of a cache are independent sequences: row i holds its tokens in columns [start[i], end[i]) (columns before
 start are the left padding of a batch prefill). A decode step writes each row's new keys and values at its own
@@ -248,7 +251,8 @@ def quantize_int8(model):
 class Int4Linear(nn.Module):
     """A linear with 4-bit weights for CPU decoding: each group of `group` inputs of an output row keeps its own
     scale and offset (w = (q - 8) * scale + zero, q in 0..15: the layout of torch's int4 CPU kernel, the same
-    grouping as llama.cpp's Q4_0); activations go in and out in bf16."""
+    grouping as llama.cpp's Q4_0). The product takes its activations in bf16 (the kernel's) and gives them back
+    in the model's dtype: on CPU an fp32 model with int4 weights decodes faster than a bf16 one."""
 
     def __init__(self, linear: nn.Linear, group: int = 32):
         super().__init__()
@@ -302,6 +306,13 @@ def structure(model) -> tuple:
                  for name, m in model.named_modules())
 
 
+def weights(model) -> tuple:
+    """What a graph that holds the weights as constants cannot see change: each weight's identity, dtype, device and
+    in-place update count (an optimizer step or a copy into it counts one)."""
+    return tuple((name, id(t), t.dtype, t.device, t._version)
+                 for name, t in (*model.named_parameters(), *model.named_buffers()))
+
+
 class Engine:
     def __init__(self, model, compile: bool = False, tune: bool = False, quantize: str | None = None,
                  rows: Sequence[int] = (1,)):
@@ -317,21 +328,31 @@ class Engine:
             quantize_int4(model)
         elif quantize is not None:
             raise InputError(f"unknown quantization {quantize!r} (int8, int4)")
-        if tune and self.device.type == "cpu":  # on GPUs F.linear is the product; nothing to choose
+        # On GPUs F.linear is the product; a compiled CPU step has inductor choose its products and kernels itself
+        # (the attention's layout too: the one tune picks for eager made it slower there).
+        cpu_compiled = compile and self.device.type == "cpu"
+        if tune and self.device.type == "cpu" and not compile:
             linears = [m for m in model.modules() if plain_linear(m)]
             self.tuning = tune_products(linears, rows=(1, 16))
             for m in linears:
                 m.__class__ = DecodeLinear
                 m.one, m.few = self.tuning[1][0], self.tuning[16][0]
-        if tune:
+        if tune and not cpu_compiled:
             for m in model.modules():
                 if type(m) is Attention:
                     m.__class__ = DecodeAttention
         self.step = self._compile() if compile else None
         self.structure = structure(model)
+        self.warming = compile  # while compiling, decode marks the sizes that vary (after, the guards know them)
         if compile:
-            for n in rows:
-                self.generate_warmup(n)
+            # On CPU the graph holds the weights as constants (inductor's freezing), which its GEMM packs once.
+            # Dynamo reads `freezing` too, so it is set around the compiling calls, not passed as an option (which
+            # reaches only inductor).
+            with torch._inductor.config.patch(freezing=self.device.type == "cpu"):
+                for n in rows:
+                    self.generate_warmup(n)
+        self.warming = False
+        self.frozen = weights(model) if compile and self.device.type == "cpu" else None
 
     def release(self):
         """Undo `tune`: the model's linears and attention are plain again (for training)."""
@@ -349,7 +370,13 @@ class Engine:
         # on its constants, from ever being tried on another model (their guards do not check constants).
         step.__code__ = step.__code__.replace(co_name=f"decode_step_{id(self):x}")
         # cpp_wrapper: C++ instead of Python glue between the kernels.
-        return torch.compile(step, options={"cpp_wrapper": True, "guard_filter_fn": _decode_step_guards})
+        options = {"cpp_wrapper": True, "guard_filter_fn": _decode_step_guards}
+        if self.device.type == "cpu":
+            # Each product is whichever is fastest of inductor's own C++ GEMM (micro-kernels for this CPU's
+            # instructions, on weights it packs once) and ATen's, timed on the model's shapes while compiling.
+            options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
+                           autotune_num_choices_displayed=0)  # its table of timings is not for users
+        return torch.compile(step, options=options)
 
     def generate_warmup(self, rows: int):
         # Sizes that equal each other while compiling get one symbol (dynamo's duck shaping) and guards that keep them
@@ -364,6 +391,10 @@ class Engine:
         if self.step is not None and structure(self.model) != self.structure:
             raise RuntimeError("the model changed (modules or hooks) after it was prepared for decoding with "
                                "compile=True; prepare it again: Engine(model, compile=True)")
+        if self.frozen is not None and weights(self.model) != self.frozen:
+            raise RuntimeError("the model's weights changed after it was prepared for decoding with compile=True "
+                               "(on CPU its graph holds them as constants); prepare it again: Engine(model, "
+                               "compile=True)")
 
     @property
     def config(self):
@@ -418,11 +449,12 @@ class Engine:
         if self.step is None:
             logits = decode_step(self.model, tokens, start, end, keys, values)
         else:
-            for t in (*keys, *values):  # one graph for every row count and length
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(t, 2)
-            for t in (start, end):
-                torch._dynamo.maybe_mark_dynamic(t, 0)
+            if self.warming:  # one graph for every row count and length
+                for t in (*keys, *values):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
+                for t in (start, end):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
             logits = self.step(self.model, tokens, start, end, keys, values)
         cache.end[:n] += 1
         for row in range(n):

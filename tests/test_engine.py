@@ -151,18 +151,26 @@ def test_a_compiled_engine_never_compiles_again_in_the_steady_state():
     assert dict(counters["frames"]) == frames  # dynamo's frame counts: a recompile would add to them
 
 
-def test_compiled_step_follows_a_cast_and_refuses_a_model_changed_after_preparing():
-    """The compiled step guards every tensor it reads: after a cast to bf16 it compiles anew and gives bf16's
-    tokens. What it does not guard, the model's modules and hooks, the engine checks before each generation."""
+def test_a_compiled_cpu_step_refuses_a_model_changed_after_preparing():
+    """On CPU the compiled step holds the weights as graph constants: a model given a hook, trained or cast after
+    preparing is refused with one clear error, never decoded with the old weights or a stale graph."""
     model = tiny_model()
-    engine = Engine(copy.deepcopy(model), compile=True)
-    engine.model.to(torch.bfloat16)
-    reference = copy.deepcopy(model).to(torch.bfloat16)
     prompt, params = prompts_of(6), SamplingParams(max_new_tokens=10)
-    assert tokens(engine, prompt, params) == tokens(reference, prompt, params)
-    engine.model.lm_head.register_forward_hook(lambda *a: None)
-    with pytest.raises(RuntimeError, match="changed .* after it was prepared"):
+    engine = Engine(copy.deepcopy(model), compile=True)
+    assert tokens(engine, prompt, params) == tokens(model, prompt, params)
+    hook = engine.model.lm_head.register_forward_hook(lambda *a: None)
+    with pytest.raises(RuntimeError, match="changed .modules or hooks. after it was prepared"):
         tokens(engine, prompt, params)
+    hook.remove()
+    assert tokens(engine, prompt, params) == tokens(model, prompt, params)  # refused for the hook, nothing else
+    with torch.no_grad():
+        engine.model.lm_head.weight.mul_(1.01)  # what an optimizer step does: in place, the same tensor
+    with pytest.raises(RuntimeError, match="weights changed after it was prepared"):
+        tokens(engine, prompt, params)
+    cast = Engine(copy.deepcopy(model), compile=True)
+    cast.model.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="weights changed after it was prepared"):
+        tokens(cast, prompt, params)
 
 
 def test_int8_without_torchao_is_one_clear_line(monkeypatch):
