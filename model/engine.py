@@ -29,6 +29,7 @@ end column and attends, through an additive mask, to its own columns only, so ro
 and a row can be refilled with a new sequence while the others go on (continuous batching, model/server.py).
 """
 import time
+import warnings
 from typing import Sequence
 
 import torch
@@ -232,8 +233,6 @@ def quantize_int8(model):
     kernel, which on CPU wants bf16 activations (fp32 ones take a slow path). Eager, every step dequantizes every
     weight and runs slower than fp32. Measured: bench/bench_model.py.
     """
-    import warnings
-
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as e:
@@ -348,7 +347,9 @@ class Engine:
             # On CPU the graph holds the weights as constants (inductor's freezing), which its GEMM packs once.
             # Dynamo reads `freezing` too, so it is set around the compiling calls, not passed as an option (which
             # reaches only inductor).
-            with torch._inductor.config.patch(freezing=self.device.type == "cpu"):
+            with torch._inductor.config.patch(freezing=self.device.type == "cpu"), warnings.catch_warnings():
+                # autotuning reads a tensor's storage the deprecated way: torch's own warning, nothing of the user's
+                warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
                 for n in rows:
                     self.generate_warmup(n)
         self.warming = False
@@ -375,7 +376,8 @@ class Engine:
             # Each product is whichever is fastest of inductor's own C++ GEMM (micro-kernels for this CPU's
             # instructions, on weights it packs once) and ATen's, timed on the model's shapes while compiling.
             options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
-                           autotune_num_choices_displayed=0)  # its table of timings is not for users
+                           # its tables of timings are not for users
+                           autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
         return torch.compile(step, options=options)
 
     def generate_warmup(self, rows: int):

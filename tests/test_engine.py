@@ -122,16 +122,35 @@ def test_rows_join_and_leave_while_others_decode():
 def compiled_tiny():
     """A tiny model and an engine compiled from a copy of it with rows=(1, 2), and how many graphs preparing made
     (compiling on CPU autotunes every product: worth sharing between the tests that only decode with it)."""
+    import contextlib
+    import io
+    import warnings
+
     model = tiny_model()
     graphs = counters["stats"]["unique_graphs"]
-    engine = Engine(copy.deepcopy(model), compile=True, rows=(1, 2))
-    return model, engine, counters["stats"]["unique_graphs"] - graphs
+    out, err = io.StringIO(), io.StringIO()
+    # no cached graph: every product is autotuned here, whatever an earlier run left on disk
+    with torch._inductor.config.patch(force_disable_caches=True), warnings.catch_warnings(record=True) as seen, \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        warnings.resetwarnings()  # what a script sees: Python's own defaults, not pytest's
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=PendingDeprecationWarning)
+        warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # this test's own setting says so
+        engine = Engine(copy.deepcopy(model), compile=True, rows=(1, 2))
+    said = (out.getvalue(), err.getvalue(), [str(w.message) for w in seen])
+    return model, engine, counters["stats"]["unique_graphs"] - graphs, said
+
+
+def test_compiling_prints_nothing(compiled_tiny):
+    """Autotuning's tables of timings and torch's own deprecation warnings stay inside the engine."""
+    assert compiled_tiny[3] == ("", "", [])
 
 
 def test_compiled_step_equals_eager_for_any_length_and_row_count_without_recompiling(compiled_tiny):
     """One compiled graph serves one row, and one more every larger row count and every length: left-padded rows,
     greedy beside seeded sampling."""
-    model, engine, prepared = compiled_tiny
+    model, engine, prepared, _ = compiled_tiny
     assert prepared > 0  # compiled while preparing
     graphs = counters["stats"]["unique_graphs"]
     greedy, sampled = SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=9, temperature=1.0, seed=3)
