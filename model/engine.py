@@ -330,7 +330,7 @@ class Engine:
         # On GPUs F.linear is the product; a compiled CPU step has inductor choose its products and kernels itself
         # (the attention's layout too: the one tune picks for eager made it slower there).
         cpu_compiled = compile and self.device.type == "cpu"
-        if tune and self.device.type == "cpu" and not compile:
+        if tune and self.device.type == "cpu" and not cpu_compiled:
             linears = [m for m in model.modules() if plain_linear(m)]
             self.tuning = tune_products(linears, rows=(1, 16))
             for m in linears:
@@ -347,13 +347,13 @@ class Engine:
             # On CPU the graph holds the weights as constants (inductor's freezing), which its GEMM packs once.
             # Dynamo reads `freezing` too, so it is set around the compiling calls, not passed as an option (which
             # reaches only inductor).
-            with torch._inductor.config.patch(freezing=self.device.type == "cpu"), warnings.catch_warnings():
+            with torch._inductor.config.patch(freezing=cpu_compiled), warnings.catch_warnings():
                 # autotuning reads a tensor's storage the deprecated way: torch's own warning, nothing of the user's
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
                 for n in rows:
                     self.generate_warmup(n)
         self.warming = False
-        self.frozen = weights(model) if compile and self.device.type == "cpu" else None
+        self.frozen = weights(model) if cpu_compiled else None
 
     def release(self):
         """Undo `tune`: the model's linears and attention are plain again (for training)."""

@@ -211,6 +211,7 @@ class MOEFeedForward(nn.Module):
         n, n_experts = x.shape[0], counts.shape[0]
         padded = (counts + 7) // 8 * 8
         ends = padded.cumsum(0)  # (E,) where each padded group ends: the kernel's offsets
+        offsets = ends.to(torch.int32)
         first_row = counts.cumsum(0) - counts  # where each expert's rows start in x
         rows = torch.arange(n, device=x.device)
         slot = (ends - padded)[expert_of_row] + rows - first_row[expert_of_row]  # (n,) each row's place
@@ -219,7 +220,7 @@ class MOEFeedForward(nn.Module):
 
         def grouped(inp, name):  # inp (M, d_in) @ each expert's weight^T, group by group
             weight = torch.stack([getattr(expert, name).weight for expert in self.experts])  # (E, d_out, d_in)
-            return torch._grouped_mm(inp, weight.to(torch.bfloat16).transpose(1, 2), offs=ends.to(torch.int32))
+            return torch._grouped_mm(inp, weight.to(torch.bfloat16).transpose(1, 2), offs=offsets)
 
         hidden = F.silu(grouped(buffer, "w1")) * grouped(buffer, "w3")  # (M, hidden)
         out = F.dropout(grouped(hidden, "w2"), self.config.dropout, self.training)  # (M, dim)
