@@ -27,6 +27,11 @@ def main(argv=None):
     demo.add_argument("--held_out", type=int, default=48, help="countries whose facts SFT never answers")
     demo.add_argument("--transcript_repeats", type=int, default=3,
                       help="copies of each SFT chat, as a chat transcript, among the pretraining documents")
+    demo.add_argument("--copy_passages", type=int, default=6000,
+                      help="recall passages (a number or country noted, then asked back) among the pretraining "
+                           "documents")
+    demo.add_argument("--tool_transcripts", type=int, default=300,
+                      help="tool conversations per language (fresh numbers) among the pretraining documents")
 
     pre = sub.add_parser("pretrain", help="tokenize {'text'} jsonl into uint16 shards")
     pre.add_argument("--input", required=True)
@@ -50,7 +55,7 @@ def main(argv=None):
         from model.demo_corpus import write_demo
 
         for name, rows in write_demo(args.out_dir, args.seed, args.pretrain_repeats, args.held_out,
-                                      args.transcript_repeats).items():
+                                      args.transcript_repeats, args.copy_passages, args.tool_transcripts).items():
             print(f"{rows:>8}  {name}")
         print(f"demo corpus written to {args.out_dir}")
     elif args.command == "pretrain":

@@ -25,6 +25,9 @@ def main(argv=None):
                         help="one token per Chinese character at most (default: BPE merges characters, as upstream)")
     parser.add_argument("--individual_digits", action="store_true",
                         help="one token per digit, as Llama's tokenizer (default: BPE merges digits, as upstream)")
+    parser.add_argument("--name_spaces", action="store_true",
+                        help="the space before a capitalised word or a number is a token of its own, so a name is the "
+                             "same tokens after a space, a quote or a line break (default: glued, as upstream)")
     parser.add_argument("--held_out_every", type=int, default=50,
                         help="every n-th row is kept out of training to measure characters per token")
     args = parser.parse_args(argv)
@@ -33,7 +36,8 @@ def main(argv=None):
     n = args.held_out_every
     bad = BadRows()
     tokenizer = train_bpe(read_texts(args.data, skip_every=n, bad=bad), args.vocab_size, isolate_cjk=args.isolate_cjk,
-                          individual_digits=args.individual_digits, show_progress=sys.stderr.isatty())  # in a log file its bars are only blank lines
+                          individual_digits=args.individual_digits,
+                          name_spaces=args.name_spaces, show_progress=sys.stderr.isatty())  # in a log file its bars are only blank lines
     if bad.total:
         print(f"{args.data}: {bad.report()}")
     fast = wrap(tokenizer)

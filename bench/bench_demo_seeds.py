@@ -34,8 +34,8 @@ def figures(summary: dict) -> dict:
                 for lang, value in re.findall(r"(EN|ZH) (\d+)%", text):
                     out[(name, f"{part} {lang}")] = int(value)
             continue
-        if name.startswith("distillation"):
-            for part, text in (("SFT alone", line.split(";")[0]), ("distilled", line.split(";")[1])):
+        if name.startswith("distillation") and ";" in line:
+            for part, text in (("cross-entropy alone", line.split(";")[0]), ("distilled", line.split(";")[1])):
                 for lang, value in re.findall(r"(EN|ZH) (\d+)%", text):
                     out[(name, f"{part} {lang}")] = int(value)
             continue
@@ -43,8 +43,8 @@ def figures(summary: dict) -> dict:
             word = m.group(1) + " " if (m := re.match(r"\s*(calls|answers) ", part)) else ""
             for lang, value in re.findall(r"(EN|ZH) (\d+)%", part):
                 out[(name, word + lang)] = int(value)
-        if not re.search(r"(EN|ZH) \d+%", line) and (m := re.match(r"(\d+)%", line)):
-            out[(name, "")] = int(m.group(1))
+        if not re.search(r"(EN|ZH) \d+%", line) and (m := re.match(r"(-?\d+(?:\.\d+)?)%", line)):
+            out[(name, "")] = float(m.group(1)) if "." in m.group(1) else int(m.group(1))
     return out
 
 

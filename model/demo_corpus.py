@@ -199,6 +199,28 @@ POPULATION_Q = {"en": "What is the population of {c}?", "zh": "{c}有多少人�
 POPULATION_A = {"en": "The population of {c} is {v}.", "zh": "{c}的人口是{v}。"}
 
 
+# Recall passages: a few people each write down one thing (a number or a country), then one of them is asked back.
+# Nothing but the passage can say what comes after the question, so the only way to predict it is to copy the
+# span from the context: the skill a tool call needs (the question's numbers or country into the call's JSON).
+RECALL_PEOPLE = {"en": ["Anna", "Tom", "Lily", "Sam", "Mia", "Ben", "Leo", "Eva"],
+                 "zh": ["小明", "小红", "小华", "小丽", "小刚", "小芳", "小军", "小英"]}
+RECALL_NOTE = {"en": "{who} wrote down {x}.", "zh": "{who}写下了{x}。"}
+RECALL_ASK = {"en": "What did {who} write down? {who} wrote down", "zh": "{who}写下了什么？{who}写下了"}
+RECALL_END = {"en": ".", "zh": "。"}
+
+
+def recall_passage(countries, lang: str, rng: random.Random) -> tuple[str, str]:
+    """(the passage up to the asked span, the span): 2-4 notes, each a fresh 2-7 digit number or a country."""
+    people = rng.sample(RECALL_PEOPLE[lang], rng.randint(2, 4))
+    digits = lambda: rng.randint(2, 7)  # noqa: E731
+    items = [str(rng.randint(10 ** (k - 1), 10 ** k - 1)) if (k := digits()) and rng.random() < 0.5 else
+             (c.name if lang == "en" else c.name_zh) for c in rng.sample(countries, len(people))]
+    sep = " " if lang == "en" else ""
+    asked = rng.randrange(len(people))
+    notes = sep.join(RECALL_NOTE[lang].format(who=who, x=x) for who, x in zip(people, items))
+    return notes + sep + RECALL_ASK[lang].format(who=people[asked]), items[asked]
+
+
 def calc_operands(op: str, rng: random.Random) -> tuple[int, int]:
     return (rng.randint(100, 9999), rng.randint(100, 9999)) if op == "+" else (rng.randint(10, 999), rng.randint(2, 99))
 
@@ -332,6 +354,29 @@ class DemoWorld:
                 {"role": "assistant", "content": q["answer"]}]})
         return rows
 
+    # -- copying from context (issue 34): pretraining text that rewards it, and the probe that measures it
+    def copy_documents(self, rng: random.Random, passages: int, tool_transcripts_per_language: int) -> list[str]:
+        """Recall passages about the SFT countries and fresh numbers, and tool transcripts with fresh numbers, as
+        pretraining text."""
+        docs = []
+        for _ in range(passages):
+            lang = rng.choice(("en", "zh"))
+            prompt, span = recall_passage(self.train, lang, rng)
+            docs.append(f"{prompt}{' ' if lang == 'en' else ''}{span}{RECALL_END[lang]}")
+        docs += [tool_text(r) for r in self.tool_sft_rows(rng, tool_transcripts_per_language)]
+        rng.shuffle(docs)
+        return docs
+
+    def copy_probe(self, rng: random.Random, per_language: int = 32) -> list[dict]:
+        """Held-out recall passages: countries no recall passage names, numbers drawn afresh. [{"lang", "prompt",
+        "answer"}]: the right continuation is the answer, then the sentence's end."""
+        rows = []
+        for lang in ("en", "zh"):
+            for _ in range(per_language):
+                prompt, span = recall_passage(self.held_out, lang, rng)
+                rows.append({"lang": lang, "prompt": prompt, "answer": span})
+        return rows
+
     # -- GRPO: which continent a country is in. SFT asks it, yet the SFT model mostly names another country
     # ("Slovakia is in Asia.") or answers with the capital: a skill left half done, checked by a program.
     def continent_prompts(self, countries):
@@ -449,7 +494,7 @@ def with_transcripts(documents: list[str], transcripts: list[str], repeats: int,
 
 
 def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: int = 48,
-               transcript_repeats: int = 3) -> dict:
+               transcript_repeats: int = 3, copy_passages: int = 6000, tool_transcripts: int = 300) -> dict:
     """Write every demo file; returns {name: (path, rows)}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -470,7 +515,12 @@ def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: in
     tool_rows = world.tool_sft_rows(rng)
     # By default three copies each: about 13% of the pretraining tokens (docs/demo.md: chat transcripts)
     documents = with_transcripts(prose, [chat_text(r) for r in sft], transcript_repeats, random.Random(seed + 2))
+    # Each part of the corpus draws from its own generator, so that resizing one leaves the others as they were.
+    copying = world.copy_documents(random.Random(seed + 3), copy_passages, tool_transcripts)
+    documents += copying
+    random.Random(seed + 4).shuffle(documents)
     jsonl("pretrain_data.jsonl", ({"text": t} for t in documents))
+    jsonl("copy_probe.jsonl", world.copy_probe(random.Random(seed + 5)))
     jsonl("sft_data.jsonl", sft + tool_rows)  # both formats, as data_process.py sft reads them
     jsonl("tool_held_out.jsonl", world.tool_questions(world.held_out, random.Random(seed + 1), 24))
     jsonl("grpo_prompts.jsonl", world.continent_prompts(world.train) + world.keep_prompts(world.train))
@@ -478,10 +528,11 @@ def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: in
     jsonl("held_out.jsonl", world.held_out_questions())
     jsonl("dpo_data.jsonl", world.dpo_rows(world.train, rng, balanced=True))
     jsonl("dpo_held_out.jsonl", world.dpo_rows(world.held_out, rng))
-    # The tokenizer sees a sample of everything it will have to encode: prose and chat turns.
-    tokenizer_texts = list(world.pretrain_documents(3, rng))
-    tokenizer_texts += [f"{r['instruction']}\n{r['output']}" for r in sft]
-    tokenizer_texts += [tool_text(r) for r in tool_rows]
+    # The tokenizer sees a sample of the world's text (prose, recall passages, tool conversations), drawn from its own
+    # generator and never from the SFT answers: a new answer form must not change every token id of every stage.
+    tokenizer_rng = random.Random(seed + 6)
+    tokenizer_texts = list(world.pretrain_documents(3, tokenizer_rng))
+    tokenizer_texts += world.copy_documents(tokenizer_rng, copy_passages // 10, tool_transcripts // 2)
     jsonl("tokenizer_train.jsonl", ({"text": t} for t in tokenizer_texts))
     for split, countries in (("dev", world.train[:5]), ("val", world.held_out)):
         for subject, rows in world.ceval_rows(countries, rng).items():

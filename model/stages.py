@@ -496,22 +496,36 @@ def distill_loss(alpha: float, temperature: float):
     return loss
 
 
+def pretraining_data(path) -> bool:
+    """Whether `path` is tokenized pretraining text (data_process.py pretrain's folder) rather than chat rows."""
+    candidate = Path(path)
+    return (candidate / "index.json").exists() or candidate.name == "index.json"
+
+
 def distill_task(args):
-    """White-box distillation on SFT data: the student (--init_from, else a new model of the --preset / dims given)
-    learns from the answer tokens and from the frozen --teacher's distribution over them."""
+    """White-box distillation: the student (--init_from, else a new model of the --preset / dims given) learns from
+    the frozen --teacher's next-token distribution. On SFT data (upstream's mode) over the answer tokens; on a
+    tokenized pretraining folder over every token of the text, which is where a student learns the facts."""
     from .loading import load_model
     from .model import MiniMindForCausalLM
 
     seed_everything(args.seed)
     teacher = load_model(args.teacher).eval().requires_grad_(False)
     hint = model_config_from_args(args, max_seq_len=args.max_seq_len)
-    student = init_weights_from(args, "full_sft", hint)[0] if args.init_from else MiniMindForCausalLM(hint).train()
+    on_text = pretraining_data(args.data_path)
+    stage = "pretrain" if on_text else "full_sft"
+    student = init_weights_from(args, stage, hint)[0] if args.init_from else MiniMindForCausalLM(hint).train()
     if student.config.vocab_size != teacher.config.vocab_size:
         raise InputError(f"the teacher's vocabulary ({teacher.config.vocab_size}) is not the student's "
                          f"({student.config.vocab_size}): distillation compares their next-token distributions")
     if args.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
-    train, val, collate = chat_data(args, load_tokenizer_for(args))
+    if on_text:
+        train = PretrainDataset(args.data_path, args.max_seq_len, "train")
+        val = PretrainDataset(args.data_path, args.max_seq_len, "val", allow_empty=True)
+        val, collate = (val if len(val) else None), None
+    else:
+        train, val, collate = chat_data(args, load_tokenizer_for(args))
     name = output_name("distill", student.config)
     save = safetensors_saver(name, tokenizer_metadata(args.tokenizer))
     return student, Task(name, train, distill_loss(args.alpha, args.temperature), save, val_data=val,

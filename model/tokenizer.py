@@ -66,7 +66,7 @@ CJK = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool = True, isolate_cjk: bool = False,
-              individual_digits: bool = False):
+              individual_digits: bool = False, name_spaces: bool = False):
     """Train byte-level BPE on an iterator of texts (streamed: only word counts are kept in memory).
 
     isolate_cjk: Chinese has no spaces, so BPE merges runs of characters freely (upstream's behaviour, good
@@ -80,6 +80,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool 
     digit tokens wherever it stands (" 49", "(49" and '"49' share "4" "9"), so copying a number from a question
     into a tool call is copying tokens; with merged digits a small model has to learn every spelling. As with
     isolate_cjk, no merge ever joins a digit, so GPT-2-style pre-tokenization still encodes the same ids.
+
+    name_spaces: the space before a capitalised word or a digit is a token of its own. Byte-level BPE glues a word's
+    leading space into its first token, so " Estonia" in a question and "Estonia" in a tool call's JSON or at the
+    start of a line are different token sequences, and a small model cannot copy a name from one into the other.
+    Lower-case words keep their space: one token more per name or number, not per word. No merge joins that space
+    to what follows, so GPT-2-style pre-tokenization again encodes the same ids.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -88,6 +94,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool 
     splits = [pre_tokenizers.Split(Regex(CJK), "isolated")] if isolate_cjk else []
     if individual_digits:
         splits.append(pre_tokenizers.Digits(individual_digits=True))
+    if name_spaces:
+        splits.append(pre_tokenizers.Split(Regex(" (?=[A-Z0-9])"), "isolated"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level]) if splits else byte_level
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=show_progress,

@@ -24,10 +24,11 @@ def test_tiny_demo_runs_every_stage_and_summarises(tmp_path):
                 "DPO held-out reward accuracy (0% at the start)", "DPO held-out log-prob margin chosen-rejected",
                 "C-Eval-format accuracy (demo val, chance 25%)", "held-out fact QA, after SFT, sampled",
                 "held-out tool use, before SFT", "held-out tool use, after SFT", "GRPO held-out continents",
-                "distillation: half-width student, held-out fact QA"):
+                "distillation: half-width student, held-out fact QA", "copy probe, after pretraining", "copy probe, after SFT",
+                "distillation: half-width student, pretraining val loss"):
         assert key in summary, key
     assert "calls EN" in summary["held-out tool use, after SFT"] and "->" in summary["GRPO held-out continents"]
-    assert "SFT alone" in summary["distillation: half-width student, held-out fact QA"]
+    assert "cross-entropy alone EN" in summary["distillation: half-width student, held-out fact QA"]
     assert summary["'Who are you?' / '你是谁？', after GRPO"].endswith("exactly as taught")
     assert summary["failures"] == []
     assert float(summary["pretrain val loss"]) > 0 and "EN" in summary["held-out fact QA, after SFT"]
@@ -58,12 +59,14 @@ def test_the_seed_bench_reads_each_figure_of_a_summary_under_its_own_name(monkey
 
     got = figures({"held-out tool use, after SFT": "calls EN 0% / ZH 50%, answers EN 10% / ZH 20%",
                    "GRPO held-out continents": "EN 2% / ZH 73% -> EN 73% / ZH 83% (96 questions)",
-                   "DPO held-out reward accuracy (0% at the start)": "89%", "failures": []})
+                   "DPO held-out reward accuracy (0% at the start)": "89%", "failures": [],
+                   "distillation: val loss below cross-entropy alone's": "-1.5%"})
     assert got == {("held-out tool use, after SFT", "calls EN"): 0, ("held-out tool use, after SFT", "calls ZH"): 50,
                    ("held-out tool use, after SFT", "answers EN"): 10, ("held-out tool use, after SFT", "answers ZH"): 20,
                    ("GRPO held-out continents", "before EN"): 2, ("GRPO held-out continents", "before ZH"): 73,
                    ("GRPO held-out continents", "after EN"): 73, ("GRPO held-out continents", "after ZH"): 83,
-                   ("DPO held-out reward accuracy (0% at the start)", ""): 89}
+                   ("DPO held-out reward accuracy (0% at the start)", ""): 89,
+                   ("distillation: val loss below cross-entropy alone's", ""): -1.5}
 
 
 def test_the_server_check_wants_rome_and_nothing_else():
@@ -93,7 +96,8 @@ def good_figures():
     qa = {"en": 0.96, "zh": 1.0}
     return {"qa": {"SFT": qa, "LoRA merged": qa, "DPO": {"en": 0.96, "zh": 0.98}, "GRPO": dict(qa)},
             "identity": {"SFT": ([8, 8], 8), "GRPO": ([7, 8], 8)}, "dpo_accuracy": 0.85,
-            "grpo": ({"en": 0.04, "zh": 0.69}, {"en": 0.60, "zh": 0.77}), "tool_use": {"en": 0.95, "zh": 0.9},
+            "grpo": ({"en": 0.04, "zh": 0.69}, {"en": 0.60, "zh": 0.77}), "tool_use": {"calls": {"en": 0.95, "zh": 0.9}, "answers": {"en": 0.9, "zh": 0.86}},
+            "distillation": ({"en": 0.33, "zh": 0.58, "loss": 1.27}, {"en": 0.72, "zh": 0.73, "loss": 1.19}),
             "server": "The capital of Italy is Rome.",
             "tool_round": ({"name": "calculator", "arguments": '{"expression":"4521+376"}'}, "It is 4897.",
                            "4521+376", 4897)}
@@ -109,7 +113,11 @@ def test_every_demo_lesson_fails_when_its_figure_is_wrong():
              "'Who are you?' / '你是谁？' after GRPO": lambda f: f["identity"].update(GRPO=([0, 8], 8)),
              "DPO held-out reward accuracy": lambda f: f.update(dpo_accuracy=0.5),
              "GRPO held-out continents": lambda f: f.update(grpo=({"en": 0.5, "zh": 0.5}, {"en": 0.6, "zh": 0.6})),
-             "held-out tool calls after SFT": lambda f: f.update(tool_use={"en": 0.0, "zh": 0.33}),
+             "held-out tool calls after SFT": lambda f: f["tool_use"].update(calls={"en": 0.95, "zh": 0.85}),
+             "held-out tool answers after SFT": lambda f: f["tool_use"].update(answers={"en": 0.84, "zh": 1.0}),
+             # +5 points of QA (mean) and 1.6% lower loss: short of both margins
+             "distillation beats cross-entropy alone": lambda f: f.update(distillation=(
+                 {"en": 0.33, "zh": 0.58, "loss": 1.27}, {"en": 0.40, "zh": 0.61, "loss": 1.25})),
              "server round trip": lambda f: f.update(server=" is in Africa."),
              "tool round trip": lambda f: f.update(tool_round=(None, "9666", "4521+376", 4897))}
     for name, wrong in spoil.items():
@@ -117,6 +125,22 @@ def test_every_demo_lesson_fails_when_its_figure_is_wrong():
         wrong(figures)
         failed = [lesson.name for lesson in demo_lessons(figures) if not lesson.passed]
         assert failed == [name], (name, failed)
+
+
+def test_distillation_pays_by_either_margin():
+    """+10 points of held-out QA (the mean of the languages) or 5% lower validation loss, either one."""
+    from model.evaluation import demo_lessons
+
+    def judged(ce, kd):
+        figures = good_figures()
+        figures["distillation"] = (ce, kd)
+        return next(lesson for lesson in demo_lessons(figures) if lesson.name.startswith("distillation")).passed
+
+    ce = {"en": 0.30, "zh": 0.50, "loss": 1.0}
+    assert judged(ce, {"en": 0.30, "zh": 0.50, "loss": 0.95})  # 5.0% lower loss, no QA gained
+    assert judged(ce, {"en": 0.50, "zh": 0.50, "loss": 1.0})  # +10 points of the mean
+    assert not judged(ce, {"en": 0.49, "zh": 0.50, "loss": 0.951})
+    assert not judged(ce, {"en": 0.20, "zh": 0.40, "loss": 1.1})
 
 
 def test_a_lesson_prints_the_figure_it_judged():
