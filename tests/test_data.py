@@ -448,3 +448,51 @@ def test_individual_digits_tokenizer_keeps_one_token_per_digit(demo_data):
     plain_ids = tokenizer.encode("What is 4521 plus 376? 12.5% of 80").ids
     tokenizer.pre_tokenizer = ours
     assert tokenizer.encode("What is 4521 plus 376? 12.5% of 80").ids == plain_ids
+
+
+def test_name_spaces_make_a_copied_name_or_number_the_same_tokens(demo_data):
+    """train_bpe(name_spaces=True): a country or a number in a question and in a tool call's JSON (or at a line's
+    start) is the same token sequence; upstream's pre-tokenization glues the space in and they differ. GPT-2-style
+    pre-tokenization still gives the same ids."""
+    from tokenizers import pre_tokenizers
+
+    from model.tokenizer import read_texts, train_bpe
+
+    def tokens(tokenizer, text, span):
+        ids, at = tokenizer.encode(text).ids, text.index(span)
+        pieces = tokenizer.encode(text).offsets
+        return [i for i, (a, b) in zip(ids, pieces) if at <= a and b <= at + len(span)]
+
+    texts = lambda: read_texts(demo_data / "data" / "tokenizer_train.jsonl")  # noqa: E731
+    ours = train_bpe(texts(), 1000, show_progress=False, name_spaces=True)
+    upstream = train_bpe(texts(), 1000, show_progress=False)
+    pairs = [("What is the population of Estonia?", '{"country":"Estonia","field":"population"}', "Estonia"),
+             ("What is 4521 plus 376?", '{"expression":"4521+376"}', "4521"), ("The country Peru is", "Peru is", "Peru")]
+    for question, answer, span in pairs:
+        assert tokens(ours, question, span) == tokens(ours, answer, span), span
+        assert tokens(ours, question, span)  # the span is whole tokens, not part of one with its space
+    assert any(tokens(upstream, q, s) != tokens(upstream, a, s) for q, a, s in pairs)
+    text = "The capital of Estonia is Tallinn, 4521 people. 北京"
+    mine = ours.pre_tokenizer
+    ours.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain = ours.encode(text).ids
+    ours.pre_tokenizer = mine
+    assert ours.encode(text).ids == plain
+
+
+def test_a_copy_probe_passage_asks_back_one_of_its_own_notes(demo_data):
+    """The probe's answer is in its passage, as one person's note, and never a country the pretraining passages name."""
+    from model.demo_corpus import DemoWorld, RECALL_ASK
+    from model.io import read_jsonl
+
+    rows = list(read_jsonl(demo_data / "data" / "copy_probe.jsonl"))
+    world = DemoWorld(seed=7, held_out=48)
+    trained = {c.name for c in world.train} | {c.name_zh for c in world.train}
+    assert {r["lang"] for r in rows} == {"en", "zh"}
+    for r in rows:
+        asked = r["prompt"].rsplit("?" if r["lang"] == "en" else "？", 1)[0]
+        who = asked.rsplit("What did ", 1)[1].removesuffix(" write down") if r["lang"] == "en" else \
+            asked.rsplit("。", 1)[1].removesuffix("写下了什么")
+        assert RECALL_ASK[r["lang"]].format(who=who) in r["prompt"]
+        note = f"{who} wrote down {r['answer']}." if r["lang"] == "en" else f"{who}写下了{r['answer']}。"
+        assert note in r["prompt"] and r["answer"] not in trained
