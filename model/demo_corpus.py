@@ -212,9 +212,11 @@ RECALL_END = {"en": ".", "zh": "。"}
 def recall_passage(countries, lang: str, rng: random.Random) -> tuple[str, str]:
     """(the passage up to the asked span, the span): 2-4 notes, each a fresh 2-7 digit number or a country."""
     people = rng.sample(RECALL_PEOPLE[lang], rng.randint(2, 4))
-    digits = lambda: rng.randint(2, 7)  # noqa: E731
-    items = [str(rng.randint(10 ** (k - 1), 10 ** k - 1)) if (k := digits()) and rng.random() < 0.5 else
-             (c.name if lang == "en" else c.name_zh) for c in rng.sample(countries, len(people))]
+    items = []
+    for c in rng.sample(countries, len(people)):
+        k = rng.randint(2, 7)  # digits, if this note is a number
+        items.append(str(rng.randint(10 ** (k - 1), 10 ** k - 1)) if rng.random() < 0.5 else
+                     (c.name if lang == "en" else c.name_zh))
     sep = " " if lang == "en" else ""
     asked = rng.randrange(len(people))
     notes = sep.join(RECALL_NOTE[lang].format(who=who, x=x) for who, x in zip(people, items))
