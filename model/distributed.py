@@ -56,6 +56,13 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
+def close_process_group():
+    """Leave the process group before the interpreter exits: left to exit-time destructors, gloo's threads can
+    abort a rank that has finished its work (std::terminate)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def make_strategy(args, device: torch.device, amp_dtype, accum: int):
     if args.deepspeed:
         return DeepSpeed(args, device, amp_dtype, accum)

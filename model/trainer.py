@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .checkpoint import CheckpointManager, check_state
-from .distributed import make_strategy
+from .distributed import close_process_group, make_strategy
 from .errors import InputError, ReportedError, Stopped
 from .io import atomic_writer
 
@@ -211,7 +211,9 @@ def train_stage(parser: argparse.ArgumentParser, make_task: Callable, argv=None)
     args = parser.parse_args(argv)
     keep_freed_memory_if_asked(args)
     model, task = make_task(args)
-    return Trainer(args, model, task).fit()
+    result = Trainer(args, model, task).fit()
+    close_process_group()  # after a clean finish only: a rank that failed may leave the others inside a collective
+    return result
 
 
 def resolve_precision(device_type: str, flag: str, bf16_supported: bool | None = None):
