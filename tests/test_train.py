@@ -366,3 +366,20 @@ def test_wandb_logs_offline_without_an_api_key(demo_data, tmp_path, monkeypatch)
                                                     "--use_wandb", "--wandb_project", "test"))
     runs = list((tmp_path / "pretrain_64" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_a_launched_run_leaves_its_process_group(demo_data, tmp_path, monkeypatch):
+    """A finished rank destroys its group: left to exit-time destructors, gloo's threads aborted a rank that had
+    saved its work (std::terminate, CI of 2026-12-07)."""
+    import torch.distributed as dist
+
+    made = []
+    init = dist.init_process_group
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: made.append(k["backend"] if "backend" in k
+                                                                                else a[0]) or init(*a, **k))
+    monkeypatch.setenv("WORLD_SIZE", "1")  # launched as by torchrun: a group of one
+    monkeypatch.setenv("RANK", "0")
+    result = load_script("1-pretrain.py").main(pretrain_args(demo_data, tmp_path, "--max_steps", "2",
+                                                             "--save_interval", "0"))
+    assert result["step"] == 2 and made == ["gloo"]
+    assert not dist.is_initialized()
