@@ -373,10 +373,13 @@ def test_a_launched_run_leaves_its_process_group(demo_data, tmp_path, monkeypatc
     saved its work (std::terminate, CI of 2026-12-07)."""
     import torch.distributed as dist
 
-    made = []
-    init = dist.init_process_group
-    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: made.append(k["backend"] if "backend" in k
-                                                                                else a[0]) or init(*a, **k))
+    made, init = [], dist.init_process_group
+
+    def recorded(backend, **kwargs):
+        made.append(backend)
+        return init(backend, **kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", recorded)
     monkeypatch.setenv("WORLD_SIZE", "1")  # launched as by torchrun: a group of one
     monkeypatch.setenv("RANK", "0")
     result = load_script("1-pretrain.py").main(pretrain_args(demo_data, tmp_path, "--max_steps", "2",
