@@ -2,6 +2,7 @@
 seeds, one after the other, and the min / median / max of every held-out figure per language.
 
     python bench/bench_demo_seeds.py [--seeds 42,7,123] [--threads default,1] [--keep]
+    python bench/bench_demo_seeds.py --collect FOLDER...   (the table of runs kept by earlier --keep runs)
 
 Each seed changes everything random: which countries are held out, the corpus's shuffling, the weights' init,
 the data order and the sampling. Each seed also runs with each --threads setting: torch with one thread sums in
@@ -48,15 +49,53 @@ def figures(summary: dict) -> dict:
     return out
 
 
+def report(summaries: dict, seconds: dict | None = None):
+    """The min / median / max table of every figure over the runs ({"seed/threads": summary}), then the lessons."""
+    runs = {run: figures(summary) for run, summary in summaries.items()}
+    lessons = {}
+    for summary in summaries.values():
+        for lesson in summary.get("lessons", []):
+            lessons.setdefault(lesson["name"], []).append(lesson["passed"])
+    keys = [k for k in runs[next(iter(runs))] if all(k in r for r in runs.values())]
+    rows = []
+    for name, part in keys:
+        values = [runs[s][(name, part)] for s in runs]
+        rows.append((name, part, f"{min(values)}%", f"{statistics.median(values):g}%", f"{max(values)}%",
+                     " ".join(f"{v}%" for v in values)))
+    timing = f" (demo.py --learning_only; {statistics.mean(seconds.values()):.0f} s a run)" if seconds else ""
+    print(f"\nruns (seed/threads) {', '.join(runs)}{timing}:")
+    table(rows, ("figure", "part", "min", "median", "max", "by run"))
+    if lessons:
+        print()
+        table([(name, f"{sum(passed)}/{len(passed)}") for name, passed in lessons.items()], ("lesson", "runs passed"))
+
+
+def collected(folders) -> dict:
+    """{"seed/threads": summary} of runs kept by earlier --keep invocations (their seed_S_threads_T folders)."""
+    summaries = {}
+    for folder in folders:
+        for out in sorted(Path(folder).glob("seed_*_threads_*")) or [Path(folder)]:
+            if not (out / "summary.json").exists():
+                sys.exit(f"{out} has no summary.json: not a finished demo run")
+            m = re.fullmatch(r"seed_(-?\d+)_threads_(\w+)", out.name)
+            summaries[f"{m.group(1)}/{m.group(2)}" if m else out.name] = json.loads((out / "summary.json").read_text())
+    return summaries
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="42,7,123")
     parser.add_argument("--threads", default="default,1", help="thread counts per seed ('default': torch's own)")
     parser.add_argument("--keep", action="store_true", help="keep each seed's output folder")
+    parser.add_argument("--collect", nargs="+", metavar="FOLDER",
+                        help="run nothing: the table of runs kept by earlier --keep invocations (run side by side, "
+                             "one seed each)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    if args.collect:
+        return report(collected(args.collect))
     root = Path(tempfile.mkdtemp(prefix="demo_seeds_"))
-    runs, seconds, lessons = {}, {}, {}
+    summaries, seconds = {}, {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for threads in args.threads.split(","):
             run = f"{seed}/{threads}"
@@ -68,28 +107,13 @@ def main():
             seconds[run] = time.time() - start
             if not (out / "summary.json").exists():
                 sys.exit(f"seed {seed}, threads {threads}: the demo failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-            summary = json.loads((out / "summary.json").read_text())
-            runs[run] = figures(summary)
-            for lesson in summary.get("lessons", []):
-                lessons.setdefault(lesson["name"], []).append(lesson["passed"])
+            summaries[run] = json.loads((out / "summary.json").read_text())
             print(f"seed {seed}, threads {threads}: {seconds[run]:.0f} s", flush=True)
-    keys = [k for k in runs[next(iter(runs))] if all(k in r for r in runs.values())]
-    rows = []
-    for name, part in keys:
-        values = [runs[s][(name, part)] for s in runs]
-        rows.append((name, part, f"{min(values)}%", f"{statistics.median(values):g}%", f"{max(values)}%",
-                     " ".join(f"{v}%" for v in values)))
-    print(f"\nruns (seed/threads) {', '.join(runs)} (demo.py --learning_only; {statistics.mean(seconds.values()):.0f} s a "
-          f"run):")
-    table(rows, ("figure", "part", "min", "median", "max", "by run"))
-    if lessons:
-        print()
-        table([(name, f"{sum(passed)}/{len(passed)}") for name, passed in lessons.items()], ("lesson", "runs passed"))
+    report(summaries, seconds)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     else:
         print(f"outputs in {root}")
-
 
 if __name__ == "__main__":
     main()

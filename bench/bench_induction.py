@@ -7,13 +7,9 @@ A copy row is 64 random tokens, </s>, then the same 64 again. Copy accuracy is g
 repeated half of 64 fresh rows (chance 1/3000); it jumps from ~0 to ~100% within a few dozen steps (a phase
 change). Both models start from their own library's init with the same seed and see the same batches.
 """
-import argparse
-import time
-
 import torch
-import torch.nn.functional as F
 
-from common import machine, table
+from common import copy_bench_arguments, machine, table, train_on_rows
 
 from model.convert import llama_config
 from model.LMConfig import preset_config
@@ -39,30 +35,12 @@ def copy_accuracy(model, rows):
 def train(model, steps, seed, vocab_size, every):
     test = copy_rows(torch.Generator().manual_seed(123), 64, vocab_size)
     batches = torch.Generator().manual_seed(seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
-    curve, start = {}, time.perf_counter()
-    for step in range(1, steps + 1):
-        x = copy_rows(batches, BATCH, vocab_size)
-        loss = F.cross_entropy(model(input_ids=x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        warmup.step()
-        if step % every == 0:
-            curve[step] = copy_accuracy(model, test)
-    return curve, time.perf_counter() - start
+    return train_on_rows(model, lambda: copy_rows(batches, BATCH, vocab_size), steps, every,
+                         lambda m: copy_accuracy(m, test))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--every", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = copy_bench_arguments(__doc__, steps=250, threads=1)
     from transformers import LlamaForCausalLM
 
     config = preset_config("demo")

@@ -89,3 +89,38 @@ def table(rows, header):
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line(r))
+
+
+def copy_bench_arguments(doc: str, steps: int, threads: int):
+    """The copy benchmarks' command line: --steps, --every (how often to measure), --threads, --seed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def train_on_rows(model, next_rows, steps: int, every: int, measure):
+    """The copy benchmarks' training: AdamW lr 2e-3 with a 20-step warm-up, gradients clipped at 1.0, on
+    next_rows() -> (batch, T + 1) token ids; measure(model) every `every` steps. ({step: measure}, seconds)."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    curve, start = {}, time.perf_counter()
+    for step in range(1, steps + 1):
+        x = next_rows()
+        loss = F.cross_entropy(model(input_ids=x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        warmup.step()
+        if step % every == 0:
+            curve[step] = measure(model)
+    return curve, time.perf_counter() - start

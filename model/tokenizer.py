@@ -76,10 +76,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 6400, show_progress: bool 
     GPT-2-style pre-tokenization (llama.cpp's) encodes the same. On the demo it cost more than it gained:
     60% more tokens per epoch and lower held-out accuracy in the same time, so it is off by default.
 
-    individual_digits: one token per digit, as Llama's and Qwen's tokenizers do. A number then reads the same
-    digit tokens wherever it stands (" 49", "(49" and '"49' share "4" "9"), so copying a number from a question
-    into a tool call is copying tokens; with merged digits a small model has to learn every spelling. As with
-    isolate_cjk, no merge ever joins a digit, so GPT-2-style pre-tokenization still encodes the same ids.
+    individual_digits: one token per digit, as Llama's and Qwen's tokenizers do: a number reads the same digit
+    tokens wherever it stands (" 49", "(49" and '"49' share "4" "9"). A small model learns to copy such numbers
+    later, though: among ten digit tokens the one before a digit rarely tells which comes next, where merged chunks
+    are nearly unique keys (bench/bench_copy_digits.py). As with isolate_cjk, no merge ever joins a digit, so GPT-2-style
+    pre-tokenization still encodes the same ids.
 
     name_spaces: the space before a capitalised word or a digit is a token of its own. Byte-level BPE glues a word's
     leading space into its first token, so " Estonia" in a question and "Estonia" in a tool call's JSON or at the
