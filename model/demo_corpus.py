@@ -496,7 +496,7 @@ def with_transcripts(documents: list[str], transcripts: list[str], repeats: int,
 
 
 def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: int = 48,
-               transcript_repeats: int = 3, copy_passages: int = 0, tool_transcripts: int = 0) -> dict:
+               transcript_repeats: int = 3, copy_passages: int = 6000, tool_transcripts: int = 300) -> dict:
     """Write every demo file; returns {name: (path, rows)}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
