@@ -27,10 +27,10 @@ def main(argv=None):
     demo.add_argument("--held_out", type=int, default=48, help="countries whose facts SFT never answers")
     demo.add_argument("--transcript_repeats", type=int, default=3,
                       help="copies of each SFT chat, as a chat transcript, among the pretraining documents")
-    demo.add_argument("--copy_passages", type=int, default=6000,
+    demo.add_argument("--copy_passages", type=int, default=0,
                       help="recall passages (a number or country noted, then asked back) among the pretraining "
                            "documents")
-    demo.add_argument("--tool_transcripts", type=int, default=300,
+    demo.add_argument("--tool_transcripts", type=int, default=0,
                       help="tool conversations per language (fresh numbers) among the pretraining documents")
 
     pre = sub.add_parser("pretrain", help="tokenize {'text'} jsonl into uint16 shards")

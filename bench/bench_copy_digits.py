@@ -3,8 +3,8 @@ tokenizer with one token per digit (the baseline) against the same tokenizer wit
 
     python bench/bench_copy_digits.py [--steps 400] [--every 50] [--threads 2] [--seed 0]
 
-Both tokenizers are trained with `--name_spaces` on the tokenizer sample of issue 34's first demo recipe (seed 42,
-with its recall passages and tool conversations); the baseline adds `--individual_digits`. The rows are the demo's
+Both tokenizers are trained with `--name_spaces` on the demo's tokenizer sample with issue 34's first recipe's copy
+text on (seed 42: recall passages and tool conversations); the baseline adds `--individual_digits`. The rows are the demo's
 calculator conversations (model/demo_corpus.py), rendered by the chat template without the tools block, packed into
 128-token rows: nothing but copy-shaped text, so this measures the fastest the skill can form. Both models start
 from the same seed and see the same conversations. "call" is the share of 64 held-out conversations whose whole

@@ -496,7 +496,7 @@ def with_transcripts(documents: list[str], transcripts: list[str], repeats: int,
 
 
 def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: int = 48,
-               transcript_repeats: int = 3, copy_passages: int = 6000, tool_transcripts: int = 300) -> dict:
+               transcript_repeats: int = 3, copy_passages: int = 0, tool_transcripts: int = 0) -> dict:
     """Write every demo file; returns {name: (path, rows)}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -530,11 +530,13 @@ def write_demo(out_dir, seed: int = 42, pretrain_repeats: int = 30, held_out: in
     jsonl("held_out.jsonl", world.held_out_questions())
     jsonl("dpo_data.jsonl", world.dpo_rows(world.train, rng, balanced=True))
     jsonl("dpo_held_out.jsonl", world.dpo_rows(world.held_out, rng))
-    # The tokenizer sees a sample of the world's text (prose, recall passages, tool conversations), drawn from its own
-    # generator and never from the SFT answers: a new answer form must not change every token id of every stage.
+    # The tokenizer sees a sample of the world's text (prose, tool conversations, recall passages when there are any),
+    # drawn from its own generator and never from the SFT answers: a new answer form must not change every token id
+    # of every stage. Without tool conversations in it, the tools' JSON tokenizes long (a request outgrows its context).
     tokenizer_rng = random.Random(seed + 6)
     tokenizer_texts = list(world.pretrain_documents(3, tokenizer_rng))
-    tokenizer_texts += world.copy_documents(tokenizer_rng, copy_passages // 10, tool_transcripts // 2)
+    tokenizer_texts += [tool_text(r) for r in world.tool_sft_rows(tokenizer_rng)]
+    tokenizer_texts += world.copy_documents(tokenizer_rng, copy_passages // 10, 0)
     jsonl("tokenizer_train.jsonl", ({"text": t} for t in tokenizer_texts))
     for split, countries in (("dev", world.train[:5]), ("val", world.held_out)):
         for subject, rows in world.ceval_rows(countries, rng).items():
